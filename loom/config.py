@@ -1,0 +1,98 @@
+"""Configuration: what the model is (read from its directory) and how the engine runs (written once at start)."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+}
+
+
+def resolve_dtype(name: str | torch.dtype, hf_config: dict[str, Any]) -> torch.dtype:
+    """`auto` takes the checkpoint's `torch_dtype`/`dtype` (float32 when absent)."""
+    if isinstance(name, torch.dtype):
+        return name
+    if name == "auto":
+        name = hf_config.get("torch_dtype") or hf_config.get("dtype") or "float32"
+    if name not in _DTYPES:
+        raise ValueError(f"Unsupported dtype {name!r}; choose one of auto, float32, bfloat16, float16")
+    return _DTYPES[name]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The model directory and what the engine needs to know about it."""
+
+    path: Path
+    hf_config: dict[str, Any]
+    dtype: torch.dtype
+    architecture: str
+    max_model_len: int  # longest sequence (prompt + generated) the model supports
+
+    @classmethod
+    def from_dir(cls, path: str | os.PathLike, dtype: str | torch.dtype = "auto") -> ModelConfig:
+        path = Path(path)
+        cfg_file = path / "config.json"
+        if not cfg_file.is_file():
+            raise FileNotFoundError(f"No config.json in model directory {path}")
+        hf_config = json.loads(cfg_file.read_text())
+        archs = hf_config.get("architectures") or []
+        if not archs:
+            raise ValueError(f"{cfg_file} has no `architectures` entry; cannot pick a model implementation")
+        max_len = int(hf_config.get("max_position_embeddings") or hf_config.get("n_positions") or 4096)
+        return cls(path, hf_config, resolve_dtype(dtype, hf_config), archs[0], max_len)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.hf_config.get(key, default)
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.hf_config["num_hidden_layers"])
+
+    @property
+    def num_attention_heads(self) -> int:
+        return int(self.hf_config["num_attention_heads"])
+
+    @property
+    def num_kv_heads(self) -> int:
+        return int(self.hf_config.get("num_key_value_heads") or self.num_attention_heads)
+
+    @property
+    def head_dim(self) -> int:
+        explicit = self.hf_config.get("head_dim")
+        return int(explicit) if explicit else int(self.hf_config["hidden_size"]) // self.num_attention_heads
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.hf_config["vocab_size"])
+
+    def kv_bytes_per_token(self, kv_dtype: torch.dtype | None = None) -> int:
+        elem = torch.tensor([], dtype=kv_dtype or self.dtype).element_size()
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * elem
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Scheduling and memory limits, with TGI's flag names. Frozen: written once by whoever starts the engine."""
+
+    max_batch_prefill_tokens: int = 4096  # tokens computed per step (prefill chunks + decodes)
+    max_batch_total_tokens: int | None = None  # KV cache capacity in tokens; None → from available memory
+    max_batch_size: int = 256  # sequences per step
+    max_total_tokens: int | None = None  # longest request (prompt + generated); None → model's max length
+    block_size: int = 16  # tokens per KV block
+    enable_prefix_caching: bool = True
+    kv_memory_fraction: float = 0.25  # share of available RAM the default KV budget may take
+    seed: int = 0  # seeds the engine's own RNG (random per-request seeds come from `random`)

@@ -1,0 +1,131 @@
+"""The engine: one step = schedule → run the model → sample → advance requests → report new tokens.
+
+`EngineCore` is driven by a loop that calls `step()` while there is work: `loom.LLM` in-process, or the engine
+process behind the router. It owns the scheduler, KV manager, runner and sampler; nothing else writes to them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from loom.config import EngineConfig, ModelConfig
+from loom.engine.kv.kv_manager import KVCacheManager
+from loom.engine.outputs import RequestOutput
+from loom.engine.request import Request
+from loom.engine.scheduler import Scheduler
+from loom.engine.stop import StopChecker
+from loom.sampling_params import SamplingParams
+from loom.tokenizer import eos_token_ids, load_tokenizer
+from loom.worker.runner import ModelRunner
+from loom.worker.sampler import Sampler, SamplerOutput, SamplingRow
+
+logger = logging.getLogger(__name__)
+
+
+def available_memory_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def kv_cache_tokens(model: ModelConfig, config: EngineConfig, max_total_tokens: int) -> int:
+    """The KV budget: `max_batch_total_tokens` when given, else a share of available memory, never more than a
+    full batch of full-length sequences could use."""
+    if config.max_batch_total_tokens is not None:
+        return config.max_batch_total_tokens
+    by_memory = int(available_memory_bytes() * config.kv_memory_fraction) // model.kv_bytes_per_token()
+    return max(min(by_memory, config.max_batch_size * max_total_tokens), config.block_size)
+
+
+class EngineCore:
+    def __init__(
+        self, model_path: str | Path, dtype: str | torch.dtype = "auto", config: EngineConfig | None = None,
+        device: str = "cpu",
+    ):
+        self.config = config = config or EngineConfig()
+        self.model_config = ModelConfig.from_dir(model_path, dtype)
+        self.tokenizer = load_tokenizer(model_path)
+        self.eos_token_ids = eos_token_ids(model_path, self.tokenizer)
+        limit = min(config.max_total_tokens or self.model_config.max_model_len, self.model_config.max_model_len)
+        kv_tokens = kv_cache_tokens(self.model_config, config, limit)
+        num_blocks = max(kv_tokens // config.block_size, 1)
+        self.max_total_tokens = min(limit, num_blocks * config.block_size)
+        self.runner = ModelRunner(self.model_config, num_blocks, config.block_size, device)
+        self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(config, self.kv)
+        self.sampler = Sampler()
+        logger.info(
+            "engine ready: %s (%s), KV cache %d blocks × %d tokens, max total tokens %d",
+            self.model_config.architecture, self.model_config.dtype, num_blocks, config.block_size,
+            self.max_total_tokens,
+        )
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Request:
+        """Validate and queue a request. Raises ValueError (nothing queued) for input the engine cannot serve."""
+        params.validate()
+        params = params.with_seed()
+        if not prompt_token_ids:
+            raise ValueError("Input validation error: `inputs` cannot be empty")
+        vocab = self.model_config.vocab_size
+        if any(not 0 <= t < vocab for t in prompt_token_ids):
+            raise ValueError(f"Input validation error: token ids must be in [0, {vocab})")
+        max_new = params.effective_max_new_tokens(len(prompt_token_ids), self.max_total_tokens)
+        total = len(prompt_token_ids) + max_new
+        if total > self.max_total_tokens:
+            raise ValueError(
+                f"Input validation error: `inputs` tokens + `max_new_tokens` must be <= {self.max_total_tokens}. "
+                f"Given: {len(prompt_token_ids)} `inputs` tokens and {max_new} `max_new_tokens`"
+            )
+        generator = None
+        if params.is_sampling:
+            generator = torch.Generator().manual_seed(params.seed)  # type: ignore[arg-type]
+        request = Request(
+            request_id, list(prompt_token_ids), params, max_new, self.eos_token_ids,
+            stop_checker=StopChecker.create(params.stop, self.tokenizer, prompt_token_ids), generator=generator,
+        )
+        self.scheduler.add(request)
+        return request
+
+    def abort_request(self, request_id: str) -> bool:
+        return self.scheduler.abort(request_id) is not None
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> list[RequestOutput]:
+        scheduled = self.scheduler.schedule()
+        if not scheduled.seqs:
+            return []
+        logits = self.runner.execute(self.scheduler.make_plan(scheduled))
+        sampling = [s.request for s in scheduled.seqs if s.samples]
+        rows = [SamplingRow(r.params, r.generator, r.token_ids) for r in sampling]
+        sampled = self.sampler(logits, rows)
+        tokens = {r.request_id: t for r, t in zip(sampling, sampled.token_ids)}
+        self.scheduler.update(scheduled, tokens)
+        return self._outputs(sampling, sampled)
+
+    def _outputs(self, sampling: list[Request], sampled: SamplerOutput) -> list[RequestOutput]:
+        outputs = []
+        for i, r in enumerate(sampling):
+            outputs.append(RequestOutput(
+                r.request_id, [sampled.token_ids[i]], [sampled.logprobs[i]],
+                [sampled.top_tokens[i]] if r.params.top_n_tokens else [],
+                r.is_finished, r.finish_reason.value if r.finish_reason else None,
+                r.num_prompt_tokens, r.num_cached_tokens, r.params.seed,
+            ))
+        return outputs
+
+    def check_integrity(self) -> None:
+        self.kv.check_integrity()
+        held = self.kv.num_tables()
+        running = len(self.scheduler.running)
+        assert held == running, f"{held} block tables for {running} running requests"

@@ -1,0 +1,75 @@
+"""Attention over the paged KV cache (CPU/portable implementation on torch SDPA).
+
+Writes this step's keys/values into their slots, then attends: all single-token decodes together in one padded
+SDPA call, each prefill span on its own (a fresh prompt attends to its own K/V without touching the cache).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loom.layers.forward_context import AttentionMetadata, PrefillSpan, get_forward_context
+
+
+class Attention(nn.Module):
+    def __init__(
+        self, layer_idx: int, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
+        sliding_window: int | None = None,
+    ):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale = scale
+        self.sliding_window = sliding_window
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q: (T, Hq, D); k, v: (T, Hkv, D) → (T, Hq, D)."""
+        ctx = get_forward_context()
+        meta = ctx.attn
+        cache = ctx.kv_caches[self.layer_idx]  # (2, slots, Hkv, D)
+        cache[0].index_copy_(0, meta.slot_mapping, k)
+        cache[1].index_copy_(0, meta.slot_mapping, v)
+        out = torch.empty_like(q)
+        if meta.num_decodes:
+            out[: meta.num_decodes] = self._decode(q[: meta.num_decodes], cache, meta)
+        for span in meta.prefills:
+            rows = slice(span.start, span.start + span.q_len)
+            out[rows] = self._prefill(q[rows], k[rows], v[rows], cache, span)
+        return out
+
+    def _decode(self, q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        assert meta.decode_slots is not None
+        keys = cache[0][meta.decode_slots].transpose(1, 2)  # (Bd, Hkv, Lmax, D)
+        values = cache[1][meta.decode_slots].transpose(1, 2)
+        o = F.scaled_dot_product_attention(
+            q.unsqueeze(2), keys, values, attn_mask=meta.decode_mask(self.sliding_window),
+            scale=self.scale, enable_gqa=True,
+        )  # (Bd, Hq, 1, D)
+        return o.squeeze(2)
+
+    def _prefill(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor, span: PrefillSpan
+    ) -> torch.Tensor:
+        qh = q.transpose(0, 1)  # (Hq, q_len, D)
+        fresh = span.ctx_len == span.q_len
+        if fresh and (self.sliding_window is None or span.q_len <= self.sliding_window):
+            o = F.scaled_dot_product_attention(
+                qh, k.transpose(0, 1), v.transpose(0, 1), is_causal=True, scale=self.scale, enable_gqa=True
+            )
+            return o.transpose(0, 1)
+        keys = cache[0][span.slots].transpose(0, 1)  # (Hkv, ctx_len, D)
+        values = cache[1][span.slots].transpose(0, 1)
+        o = F.scaled_dot_product_attention(
+            qh, keys, values, attn_mask=self._prefill_mask(span), scale=self.scale, enable_gqa=True
+        )
+        return o.transpose(0, 1)
+
+    def _prefill_mask(self, span: PrefillSpan) -> torch.Tensor:
+        q_pos = torch.arange(span.ctx_len - span.q_len, span.ctx_len).unsqueeze(1)  # (q_len, 1)
+        k_pos = torch.arange(span.ctx_len).unsqueeze(0)  # (1, ctx_len)
+        mask = k_pos <= q_pos
+        if self.sliding_window is not None:
+            mask &= k_pos > q_pos - self.sliding_window
+        return mask

@@ -1,0 +1,80 @@
+"""Per-step state every attention layer reads: where this step's tokens sit in the paged KV cache.
+
+The runner builds one `AttentionMetadata` per step and installs it with `forward_context(...)`; attention layers
+read it through `get_forward_context()`. It lives here, below both the runner and the layers, so that neither has
+to import the other.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+
+@dataclass(slots=True)
+class PrefillSpan:
+    """One sequence computing `q_len` new tokens this step (a prompt chunk, or a recompute after preemption).
+
+        KV positions: [0 ........ ctx_len - q_len | ctx_len - q_len ...... ctx_len)
+                       already in the cache          computed this step (rows start..start+q_len)
+    """
+
+    start: int  # first row of this sequence in the flattened batch
+    q_len: int
+    ctx_len: int  # tokens in the cache once this step's K/V are written
+    slots: torch.Tensor  # (ctx_len,) flat KV slots of positions 0..ctx_len-1
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    """Flattened batch layout: rows [0, num_decodes) are single-token decodes, then the prefill spans."""
+
+    slot_mapping: torch.Tensor  # (T,) flat KV slot of each row's new key/value
+    num_decodes: int
+    decode_slots: torch.Tensor | None  # (Bd, Lmax) slots each decode attends to, padded with slot 0
+    decode_lens: torch.Tensor | None  # (Bd,) context length (including the new token)
+    prefills: list[PrefillSpan]
+    _decode_masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
+
+    def decode_mask(self, window: int | None) -> torch.Tensor:
+        """(Bd, 1, 1, Lmax) bool, True where a decode row may attend; shared by all layers of one kind."""
+        mask = self._decode_masks.get(window)
+        if mask is None:
+            assert self.decode_slots is not None and self.decode_lens is not None
+            keys = torch.arange(self.decode_slots.shape[1])
+            lens = self.decode_lens.unsqueeze(1)
+            mask = keys.unsqueeze(0) < lens
+            if window is not None:
+                # the query sits at position len-1; transformers keeps keys with q - k < window
+                mask &= keys.unsqueeze(0) > lens - 1 - window
+            mask = mask[:, None, None, :]
+            self._decode_masks[window] = mask
+        return mask
+
+
+@dataclass(slots=True)
+class ForwardContext:
+    attn: AttentionMetadata
+    kv_caches: list[torch.Tensor]  # per layer: (2, num_slots, num_kv_heads, head_dim)
+
+
+_CONTEXT: ForwardContext | None = None
+
+
+def get_forward_context() -> ForwardContext:
+    if _CONTEXT is None:
+        raise RuntimeError("attention ran outside forward_context(); the runner must install the step's metadata")
+    return _CONTEXT
+
+
+@contextmanager
+def forward_context(ctx: ForwardContext) -> Iterator[None]:
+    global _CONTEXT
+    prev, _CONTEXT = _CONTEXT, ctx
+    try:
+        yield
+    finally:
+        _CONTEXT = prev

@@ -1,0 +1,133 @@
+"""Linear layers that know how to shard themselves for tensor parallelism (Megatron-style).
+
+Each parameter carries a `weight_loader(param, weight, shard_id)` that copies its own slice of a checkpoint tensor
+(`weight` is a `CheckpointTensor`: only the needed slice is read). With one rank the loaders copy whole tensors and
+the forward passes do no communication.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loom.distributed.parallel_state import divide, get_tp_group
+
+
+class CheckpointTensor(Protocol):
+    """A tensor in a checkpoint file, read lazily: `narrow` reads only the requested slice."""
+
+    shape: tuple[int, ...]
+
+    def narrow(self, dim: int, start: int, length: int) -> torch.Tensor: ...
+
+    def full(self) -> torch.Tensor: ...
+
+
+def copy_checked(dst: torch.Tensor, src: torch.Tensor, what: str) -> None:
+    if dst.shape != src.shape:
+        raise ValueError(f"Shape mismatch loading {what}: checkpoint {tuple(src.shape)}, model {tuple(dst.shape)}")
+    dst.copy_(src)
+
+
+def _empty(*shape: int, dtype: torch.dtype | None = None) -> nn.Parameter:
+    # Uninitialised on purpose: every parameter is overwritten from the checkpoint (the loader checks for misses).
+    return nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
+
+
+class ReplicatedLinear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        super().__init__()
+        self.weight = _empty(out_features, in_features)
+        self.weight.weight_loader = self._load_full
+        self.bias = _empty(out_features) if bias else None
+        if self.bias is not None:
+            self.bias.weight_loader = self._load_full
+
+    @staticmethod
+    def _load_full(param: nn.Parameter, weight: CheckpointTensor, shard_id: object = None) -> None:
+        copy_checked(param.data, weight.full(), "replicated weight")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class ColumnParallelLinear(nn.Module):
+    """y = x Wᵀ with W split by output rows: each rank produces its slice of the output features.
+
+    `output_sizes` lists the logical sub-matrices fused into this one (e.g. gate and up); each is split across
+    ranks separately so rank r holds [gate_r; up_r].
+    """
+
+    def __init__(self, in_features: int, output_sizes: list[int], bias: bool = False):
+        super().__init__()
+        tp = get_tp_group()
+        self.tp = tp
+        self.output_sizes = output_sizes
+        self.local_sizes = [divide(s, tp.size, "output features") for s in output_sizes]
+        local_out = sum(self.local_sizes)
+        self.weight = _empty(local_out, in_features)
+        self.bias = _empty(local_out) if bias else None
+        for param in (self.weight, self.bias):
+            if param is not None:
+                param.weight_loader = self.load_shard
+                param.num_shards = len(output_sizes)  # the loader checks every part arrived
+
+    def _shard_offset(self, shard_id: int) -> int:
+        return sum(self.local_sizes[:shard_id])
+
+    def load_shard(self, param: nn.Parameter, weight: CheckpointTensor, shard_id: int | None = None) -> None:
+        idx = 0 if shard_id is None else shard_id
+        if shard_id is None and len(self.output_sizes) > 1:
+            # An already-fused checkpoint tensor (e.g. Phi-3's gate_up_proj): load each part in turn.
+            for i, size in enumerate(self.output_sizes):
+                start = sum(self.output_sizes[:i]) + self.tp.rank * self.local_sizes[i]
+                part = weight.narrow(0, start, self.local_sizes[i])
+                copy_checked(param.data.narrow(0, self._shard_offset(i), self.local_sizes[i]), part, "fused shard")
+            return
+        local = self.local_sizes[idx]
+        src = weight.narrow(0, self.tp.rank * local, local)
+        copy_checked(param.data.narrow(0, self._shard_offset(idx), local), src, f"column shard {idx}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class QKVParallelLinear(ColumnParallelLinear):
+    """Fused q, k and v projections; shard ids "q", "k", "v". Heads are split across ranks."""
+
+    SHARDS = {"q": 0, "k": 1, "v": 2}
+
+    def __init__(self, hidden: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool = False):
+        tp = get_tp_group()
+        divide(num_heads, tp.size, "attention heads")
+        divide(num_kv_heads, tp.size, "key/value heads")
+        super().__init__(hidden, [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], bias)
+        self.q_size, self.kv_size = self.local_sizes[0], self.local_sizes[1]
+
+    def load_shard(self, param: nn.Parameter, weight: CheckpointTensor, shard_id: str | int | None = None) -> None:
+        super().load_shard(param, weight, self.SHARDS.get(shard_id, shard_id))  # type: ignore[arg-type]
+
+
+class RowParallelLinear(nn.Module):
+    """y = x Wᵀ + b with W split by input columns: each rank computes a partial sum, then all-reduce."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        super().__init__()
+        self.tp = get_tp_group()
+        self.local_in = divide(in_features, self.tp.size, "input features")
+        self.weight = _empty(out_features, self.local_in)
+        self.weight.weight_loader = self._load_weight
+        self.bias = _empty(out_features) if bias else None
+        if self.bias is not None:
+            self.bias.weight_loader = ReplicatedLinear._load_full
+
+    def _load_weight(self, param: nn.Parameter, weight: CheckpointTensor, shard_id: object = None) -> None:
+        copy_checked(param.data, weight.narrow(1, self.tp.rank * self.local_in, self.local_in), "row shard")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight)
+        y = self.tp.all_reduce(y)
+        return y if self.bias is None else y + self.bias

@@ -1,0 +1,110 @@
+"""`loom.LLM`: offline batch generation in-process, driving the same engine step loop as the server."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence, Union
+
+import torch
+from tqdm.auto import tqdm
+
+from loom.config import EngineConfig
+from loom.engine.core import EngineCore
+from loom.sampling_params import SamplingParams
+
+Prompt = Union[str, Sequence[int]]
+
+
+@dataclass
+class GenerationResult:
+    prompt: str | None
+    prompt_token_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)  # generated ids (EOS included when it ended the sequence)
+    text: str = ""  # generated text without special tokens; a matched stop sequence is kept
+    finish_reason: str | None = None  # "length" | "eos_token" | "stop_sequence"
+    logprobs: list[float] | None = None  # per generated token, when `details` was asked
+    top_tokens: list[list[tuple[int, float]]] | None = None  # per generated token, when `top_n_tokens` > 0
+    seed: int | None = None  # the seed used when sampling
+    num_cached_tokens: int = 0  # prompt tokens served by the prefix cache
+
+
+class LLM:
+    """Load a model once, then `generate` batches of prompts through continuous batching.
+
+    >>> llm = LLM("path/to/model")
+    >>> llm.generate(["Hello"], SamplingParams(max_new_tokens=8))[0].text
+    """
+
+    def __init__(self, model: str | Path, dtype: str | torch.dtype = "auto", device: str = "cpu", **engine_args):
+        self.engine = EngineCore(model, dtype, EngineConfig(**engine_args), device)
+        self.tokenizer = self.engine.tokenizer
+        self._ids = itertools.count()
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool | None = None,
+    ) -> list[GenerationResult]:
+        prompt_list = _as_prompt_list(prompts)
+        param_list = _as_param_list(params, len(prompt_list))
+        results: dict[str, GenerationResult] = {}
+        order = []
+        try:
+            for prompt, p in zip(prompt_list, param_list):
+                rid = f"llm-{next(self._ids)}"
+                ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+                request = self.engine.add_request(rid, ids, p)
+                results[rid] = GenerationResult(
+                    prompt if isinstance(prompt, str) else None, ids, seed=request.params.seed,
+                    logprobs=[] if p.details else None, top_tokens=[] if p.top_n_tokens else None,
+                )
+                order.append(rid)
+            self._run(results, use_tqdm if use_tqdm is not None else len(order) >= 32)
+        except BaseException:
+            for rid in order:
+                self.engine.abort_request(rid)
+            raise
+        for r in results.values():
+            r.text = self.tokenizer.decode(r.token_ids, skip_special_tokens=True)
+        return [results[rid] for rid in order]
+
+    def _run(self, results: dict[str, GenerationResult], show_progress: bool) -> None:
+        bar = tqdm(total=len(results), desc="generating", unit="req", disable=not show_progress)
+        with bar:
+            while self.engine.has_unfinished():
+                for out in self.engine.step():
+                    r = results.get(out.request_id)
+                    if r is None:
+                        continue
+                    r.token_ids.extend(out.new_token_ids)
+                    if r.logprobs is not None:
+                        r.logprobs.extend(out.new_logprobs)
+                    if r.top_tokens is not None:
+                        r.top_tokens.extend(out.new_top_tokens)
+                    if out.finished:
+                        r.finish_reason = out.finish_reason
+                        r.num_cached_tokens = out.num_cached_tokens
+                        bar.update(1)
+
+
+def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
+    if isinstance(prompts, str):
+        return [prompts]
+    prompts = list(prompts)
+    if prompts and all(isinstance(t, int) for t in prompts):
+        return [prompts]  # one prompt given as token ids
+    return prompts
+
+
+def _as_param_list(params: SamplingParams | Sequence[SamplingParams] | None, n: int) -> list[SamplingParams]:
+    if params is None:
+        return [SamplingParams()] * n
+    if isinstance(params, SamplingParams):
+        return [params] * n
+    params = list(params)
+    if len(params) != n:
+        raise ValueError(f"got {len(params)} SamplingParams for {n} prompts")
+    return params

@@ -1,0 +1,84 @@
+"""Builds a model from a Hugging Face directory: the registry picks the class, safetensors fill the parameters.
+
+Tensors are read through memory-mapped `safe_open` slices one at a time, so peak memory is the model plus one
+tensor (and each tensor-parallel rank reads only its own slice).
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from loom.config import ModelConfig
+from loom.models.registry import resolve_model_class
+
+
+@dataclass(slots=True)
+class SafetensorsTensor:
+    """A checkpoint tensor behind an mmap'ed safetensors slice; implements layers.linear.CheckpointTensor."""
+
+    slice: Any
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.slice.get_shape())
+
+    def narrow(self, dim: int, start: int, length: int) -> torch.Tensor:
+        index = [slice(None)] * len(self.shape)
+        index[dim] = slice(start, start + length)
+        return self.slice[tuple(index)]
+
+    def full(self) -> torch.Tensor:
+        return self.slice[:]
+
+
+def checkpoint_files(model_dir: Path) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [model_dir / n for n in names]
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"No *.safetensors weights in {model_dir}")
+    return files
+
+
+def iter_checkpoint(model_dir: Path, stack: ExitStack) -> Iterator[tuple[str, SafetensorsTensor]]:
+    for file in checkpoint_files(model_dir):
+        handle = stack.enter_context(safe_open(str(file), framework="pt", device="cpu"))
+        for name in handle.keys():
+            yield name, SafetensorsTensor(handle.get_slice(name))
+
+
+def load_model(config: ModelConfig, device: torch.device | str = "cpu") -> nn.Module:
+    cls = resolve_model_class(config.architecture)
+    prev_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(config.dtype)
+    try:
+        with torch.device(device):
+            model = cls(config)
+    finally:
+        torch.set_default_dtype(prev_dtype)
+    with ExitStack() as stack:
+        loaded = model.load_weights(iter_checkpoint(config.path, stack))
+    _check_complete(model, loaded)
+    return model.eval()
+
+
+def _check_complete(model: nn.Module, loaded: dict[str, set]) -> None:
+    missing = []
+    for name, param in model.named_parameters():
+        shards = loaded.get(name)
+        expected = getattr(param, "num_shards", 1)
+        if not shards or (None not in shards and len(shards) < expected):
+            missing.append(name)
+    if missing:
+        raise ValueError(f"Checkpoint is missing weights for: {', '.join(missing[:10])}"
+                         + (f" (and {len(missing) - 10} more)" if len(missing) > 10 else ""))

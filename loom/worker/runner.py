@@ -1,0 +1,76 @@
+"""Executes a StepPlan: builds the flattened batch and attention metadata, runs the model, returns logits.
+
+Owns the model weights and the KV cache tensors of this rank. Knows nothing about requests' sampling or stopping.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from loom.config import ModelConfig
+from loom.distributed.parallel_state import get_tp_group
+from loom.layers.forward_context import AttentionMetadata, ForwardContext, PrefillSpan, forward_context
+from loom.models.loader import load_model
+from loom.protocol.plan import SeqPlan, StepPlan
+
+
+class ModelRunner:
+    def __init__(self, model_config: ModelConfig, num_blocks: int, block_size: int, device: str = "cpu"):
+        self.model_config = model_config
+        self.device = torch.device(device)
+        self.block_size = block_size
+        self.model = load_model(model_config, self.device)
+        kv_heads = model_config.num_kv_heads // get_tp_group().size
+        shape = (2, num_blocks * block_size, kv_heads, model_config.head_dim)
+        # Zeroed, not empty: padded decode rows read slot 0 under a mask, and 0 × garbage could be NaN.
+        self.kv_caches = [
+            torch.zeros(shape, dtype=model_config.dtype, device=self.device) for _ in range(model_config.num_layers)
+        ]
+        self._block_offsets = torch.arange(block_size, device=self.device)
+
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> torch.Tensor:
+        """Run one step. Returns float32 logits (num sampling seqs, vocab), in the plan's order of sampling seqs."""
+        decodes = [s for s in plan.seqs if len(s.token_ids) == 1 and s.start > 0]
+        prefills = [s for s in plan.seqs if not (len(s.token_ids) == 1 and s.start > 0)]
+        ordered = decodes + prefills
+        ids = torch.tensor([t for s in ordered for t in s.token_ids], dtype=torch.long, device=self.device)
+        positions = torch.cat([torch.arange(s.start, s.start + len(s.token_ids)) for s in ordered]).to(self.device)
+        meta = self._attention_metadata(decodes, prefills)
+        with forward_context(ForwardContext(meta, self.kv_caches)):
+            hidden = self.model(ids, positions)
+        last_row, row = {}, 0
+        for s in ordered:
+            row += len(s.token_ids)
+            last_row[s.request_id] = row - 1
+        rows = [last_row[s.request_id] for s in plan.seqs if s.sample]
+        if not rows:
+            return torch.empty(0, self.model_config.vocab_size)
+        return self.model.compute_logits(hidden[rows]).float()
+
+    def _slots(self, block_ids: list[int], num_positions: int) -> torch.Tensor:
+        blocks = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+        return (blocks.unsqueeze(1) * self.block_size + self._block_offsets).flatten()[:num_positions]
+
+    def _attention_metadata(self, decodes: list[SeqPlan], prefills: list[SeqPlan]) -> AttentionMetadata:
+        slot_parts: list[torch.Tensor] = []
+        decode_slots = decode_lens = None
+        if decodes:
+            lens = torch.tensor([s.start + 1 for s in decodes], dtype=torch.long)
+            max_blocks = max(len(s.block_ids) for s in decodes)
+            table = torch.zeros(len(decodes), max_blocks, dtype=torch.long)
+            for i, s in enumerate(decodes):
+                table[i, : len(s.block_ids)] = torch.tensor(s.block_ids, dtype=torch.long)
+            max_len = int(lens.max())
+            decode_slots = (table.unsqueeze(2) * self.block_size + self._block_offsets).view(len(decodes), -1)
+            decode_slots = decode_slots[:, :max_len].to(self.device)  # (Bd, Lmax)
+            decode_lens = lens.to(self.device)
+            slot_parts.append(decode_slots.gather(1, (decode_lens - 1).unsqueeze(1)).squeeze(1))
+        spans, row = [], len(decodes)
+        for s in prefills:
+            ctx_len = s.start + len(s.token_ids)
+            slots = self._slots(s.block_ids, ctx_len)
+            spans.append(PrefillSpan(row, len(s.token_ids), ctx_len, slots))
+            slot_parts.append(slots[s.start :])
+            row += len(s.token_ids)
+        return AttentionMetadata(torch.cat(slot_parts), len(decodes), decode_slots, decode_lens, spans)
