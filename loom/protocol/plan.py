@@ -22,6 +22,7 @@ class SeqPlan:
     start: int
     block_ids: list[int]  # block table covering every position up to start + len(token_ids)
     sample: bool  # the last position's logits are returned for sampling
+    all_logits: bool = False  # return logits of every position computed (prompt logprobs, parity tests)
 
 
 @dataclass(slots=True)

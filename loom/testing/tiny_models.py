@@ -8,6 +8,7 @@ config, weight names and tokenizer are the real ones. The tokenizer is GPT-2's b
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,11 @@ def save_gpt2_tokenizer(out_dir: str | Path) -> int:
     return int(fast.convert_tokens_to_ids("<|im_end|>"))
 
 
+def _token_id(tokenizer_dir: Path, token: str) -> int:
+    added = json.loads((tokenizer_dir / "tokenizer.json").read_text())["added_tokens"]
+    return next(int(t["id"]) for t in added if t["content"] == token)
+
+
 def _config(arch: str, eos_id: int, overrides: dict[str, Any]):
     import transformers
 
@@ -65,15 +71,26 @@ def _config(arch: str, eos_id: int, overrides: dict[str, Any]):
     return getattr(transformers, cls_name)(**fields)
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
+
+
 def make_tiny_checkpoint(
-    out_dir: str | Path, arch: str = "llama", seed: int = 0, dtype: torch.dtype = torch.float32, **overrides: Any
+    out_dir: str | Path, arch: str = "llama", seed: int = 0, dtype: torch.dtype = torch.float32,
+    tokenizer_from: str | Path | None = None, **overrides: Any,
 ) -> Path:
-    """Save a random `arch` model (safetensors) with the GPT-2 tokenizer into `out_dir`; returns the path."""
+    """Save a random `arch` model (safetensors) with the GPT-2 tokenizer into `out_dir`; returns the path.
+    `tokenizer_from`: a directory made by `save_gpt2_tokenizer` to copy instead of building the tokenizer again."""
     from transformers import AutoModelForCausalLM
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    eos_id = save_gpt2_tokenizer(out)
+    if tokenizer_from is not None:
+        for name in TOKENIZER_FILES:
+            if (Path(tokenizer_from) / name).is_file():
+                shutil.copy(Path(tokenizer_from) / name, out / name)
+        eos_id = _token_id(out, "<|im_end|>")
+    else:
+        eos_id = save_gpt2_tokenizer(out)
     config = _config(arch, eos_id, overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).to(dtype)

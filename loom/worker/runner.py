@@ -30,7 +30,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> torch.Tensor:
-        """Run one step. Returns float32 logits (num sampling seqs, vocab), in the plan's order of sampling seqs."""
+        """Run one step. Returns float32 logits in plan order: every position of `all_logits` seqs, the last
+        position of other sampling seqs, nothing for the rest."""
         decodes = [s for s in plan.seqs if len(s.token_ids) == 1 and s.start > 0]
         prefills = [s for s in plan.seqs if not (len(s.token_ids) == 1 and s.start > 0)]
         ordered = decodes + prefills
@@ -39,11 +40,17 @@ class ModelRunner:
         meta = self._attention_metadata(decodes, prefills)
         with forward_context(ForwardContext(meta, self.kv_caches)):
             hidden = self.model(ids, positions)
-        last_row, row = {}, 0
+        first_row, row = {}, 0
         for s in ordered:
+            first_row[s.request_id] = row
             row += len(s.token_ids)
-            last_row[s.request_id] = row - 1
-        rows = [last_row[s.request_id] for s in plan.seqs if s.sample]
+        rows: list[int] = []
+        for s in plan.seqs:
+            start, n = first_row[s.request_id], len(s.token_ids)
+            if s.all_logits:
+                rows.extend(range(start, start + n))
+            elif s.sample:
+                rows.append(start + n - 1)
         if not rows:
             return torch.empty(0, self.model_config.vocab_size)
         return self.model.compute_logits(hidden[rows]).float()
