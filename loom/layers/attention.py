@@ -43,11 +43,16 @@ class Attention(nn.Module):
         assert meta.decode_slots is not None
         keys = cache[0][meta.decode_slots].transpose(1, 2)  # (Bd, Hkv, Lmax, D)
         values = cache[1][meta.decode_slots].transpose(1, 2)
+        q = q.unsqueeze(2)  # (Bd, Hq, 1, D)
+        # NOTE: torch's CPU SDPA with a mask is ~6x slower in bf16 than in fp32 for single-token queries
+        # (measured: 8.2 ms vs 1.3 ms incl. the casts, batch 16, 272 keys), so decode attention runs in fp32.
+        upcast = q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16)
+        if upcast:
+            q, keys, values = q.float(), keys.float(), values.float()
         o = F.scaled_dot_product_attention(
-            q.unsqueeze(2), keys, values, attn_mask=meta.decode_mask(self.sliding_window),
-            scale=self.scale, enable_gqa=True,
+            q, keys, values, attn_mask=meta.decode_mask(self.sliding_window), scale=self.scale, enable_gqa=True,
         )  # (Bd, Hq, 1, D)
-        return o.squeeze(2)
+        return o.squeeze(2).to(cache.dtype)
 
     def _prefill(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor, span: PrefillSpan

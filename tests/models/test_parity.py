@@ -97,3 +97,16 @@ def test_unsupported_rope_type_is_a_clear_error(llama_dir, tmp_path):
     (bad / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="Unsupported rope scaling type 'su-something'"):
         LLM(bad, max_batch_total_tokens=256)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_tracks_float32(llama_dir, dtype):
+    """Half-precision paths (including fp32 decode attention on CPU) stay close to the fp32 logits."""
+    ids = torch.randint(0, 50257, (40,), generator=torch.Generator().manual_seed(3)).tolist()
+    ref_runner = ModelRunner(ModelConfig.from_dir(llama_dir, "float32"), num_blocks=8, block_size=BLOCK)
+    runner = ModelRunner(ModelConfig.from_dir(llama_dir, dtype), num_blocks=8, block_size=BLOCK)
+    assert runner.kv_caches[0].dtype == getattr(torch, dtype)
+    expected = _paged_logits(ref_runner, KVCacheManager(8, BLOCK, False), ids, 40)
+    for chunk in (40, 1):
+        got = _paged_logits(runner, KVCacheManager(8, BLOCK, False), ids, chunk)
+        assert (got - expected).abs().max().item() < 0.1, chunk

@@ -14,7 +14,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Hashable
 
-BlockKey = tuple[Hashable, tuple[int, ...]]  # (parent block's key hash, this block's token ids)
+BlockKey = Hashable  # the KV manager uses a digest of (parent block's key, this block's token ids)
 
 
 @dataclass(slots=True)

@@ -2,16 +2,26 @@
 
 A request's KV positions map to blocks through its table: position p lives in slot
 `table[p // block_size].block_id * block_size + p % block_size`. Full blocks are indexed by a chained key
-(parent key's hash, the block's token ids), so two requests share a block only when their whole prefix up to and
-including that block is identical.
+(a digest of the parent block's key and the block's token ids), so two requests share a block only when their whole
+prefix up to and including that block is identical.
 """
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections import Counter
 from typing import Sequence
 
-from loom.engine.kv.block_pool import BlockKey, BlockPool, KVBlock
+from loom.engine.kv.block_pool import BlockPool, KVBlock
+
+
+def block_key(parent: bytes | None, tokens: Sequence[int]) -> bytes:
+    """Chained 128-bit digest. A cryptographic hash, not Python's `hash`: crafted prompts must not be able to
+    collide with another request's prefix and read its cached K/V (cf. vLLM CVE-2025-25183)."""
+    h = hashlib.blake2b(parent or b"", digest_size=16)
+    h.update(array("q", tokens).tobytes())
+    return h.digest()
 
 
 class KVCacheManager:
@@ -20,7 +30,7 @@ class KVCacheManager:
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self._tables: dict[str, list[KVBlock]] = {}
-        self._keys: dict[str, list[BlockKey]] = {}  # keys of the request's blocks indexed so far
+        self._keys: dict[str, list[bytes]] = {}  # keys of the request's blocks indexed so far
 
     @property
     def num_free_blocks(self) -> int:
@@ -39,14 +49,14 @@ class KVCacheManager:
             return []
         bs = self.block_size
         hits: list[KVBlock] = []
-        parent: int | None = None
+        parent: bytes | None = None
         for i in range((len(token_ids) - 1) // bs):
-            key = (parent, tuple(token_ids[i * bs : (i + 1) * bs]))
+            key = block_key(parent, token_ids[i * bs : (i + 1) * bs])
             block = self.pool.lookup(key)
             if block is None:
                 break
             hits.append(block)
-            parent = hash(key)
+            parent = key
         return hits
 
     def allocate(self, request_id: str, num_tokens: int, cached: Sequence[KVBlock] = ()) -> bool:
@@ -78,10 +88,10 @@ class KVCacheManager:
         if not self.enable_prefix_caching:
             return
         bs = self.block_size
-        keys = self._keys.setdefault(request_id, [])
         table = self._tables[request_id]
+        keys = self._keys.setdefault(request_id, [])
         for i in range(len(keys), num_computed // bs):
-            key = (hash(keys[-1]) if keys else None, tuple(token_ids[i * bs : (i + 1) * bs]))
+            key = block_key(keys[-1] if keys else None, token_ids[i * bs : (i + 1) * bs])
             keys.append(key)
             self.pool.index(table[i], key)
 
