@@ -69,20 +69,22 @@ class EngineCore:
             self.max_total_tokens,
         )
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Request:
+    def add_request(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, prompt_logprobs: bool = False
+    ) -> Request:
         """Validate and queue a request. Raises ValueError (nothing queued) for input the engine cannot serve."""
         params.validate()
         params = params.with_seed()
         if not prompt_token_ids:
-            raise ValueError("Input validation error: `inputs` cannot be empty")
+            raise ValueError("`inputs` cannot be empty")
         vocab = self.model_config.vocab_size
         if any(not 0 <= t < vocab for t in prompt_token_ids):
-            raise ValueError(f"Input validation error: token ids must be in [0, {vocab})")
+            raise ValueError(f"token ids must be in [0, {vocab})")
         max_new = params.effective_max_new_tokens(len(prompt_token_ids), self.max_total_tokens)
         total = len(prompt_token_ids) + max_new
         if total > self.max_total_tokens:
             raise ValueError(
-                f"Input validation error: `inputs` tokens + `max_new_tokens` must be <= {self.max_total_tokens}. "
+                f"`inputs` tokens + `max_new_tokens` must be <= {self.max_total_tokens}. "
                 f"Given: {len(prompt_token_ids)} `inputs` tokens and {max_new} `max_new_tokens`"
             )
         generator = None
@@ -91,6 +93,7 @@ class EngineCore:
         request = Request(
             request_id, list(prompt_token_ids), params, max_new, self.eos_token_ids,
             stop_checker=StopChecker.create(params.stop, self.tokenizer, prompt_token_ids), generator=generator,
+            prompt_logprobs=[None] if prompt_logprobs else None,
         )
         self.scheduler.add(request)
         return request
@@ -106,22 +109,50 @@ class EngineCore:
         scheduled = self.scheduler.schedule()
         if not scheduled.seqs:
             return []
-        logits = self.runner.execute(self.scheduler.make_plan(scheduled))
+        plan = self.scheduler.make_plan(scheduled)
+        logits = self.runner.execute(plan)
+        last_rows, row = [], 0
+        for seq, sp in zip(scheduled.seqs, plan.seqs):
+            if sp.all_logits:
+                self._record_prompt_logprobs(seq.request, sp.start, logits[row : row + len(sp.token_ids)])
+                row += len(sp.token_ids)
+                if sp.sample:
+                    last_rows.append(row - 1)
+            elif sp.sample:
+                last_rows.append(row)
+                row += 1
         sampling = [s.request for s in scheduled.seqs if s.samples]
         rows = [SamplingRow(r.params, r.generator, r.token_ids) for r in sampling]
-        sampled = self.sampler(logits, rows)
+        sample_logits = logits if len(last_rows) == logits.shape[0] else logits[last_rows]
+        sampled = self.sampler(sample_logits, rows)
         tokens = {r.request_id: t for r, t in zip(sampling, sampled.token_ids)}
         self.scheduler.update(scheduled, tokens)
         return self._outputs(sampling, sampled)
 
+    @staticmethod
+    def _record_prompt_logprobs(request: Request, start: int, logits: torch.Tensor) -> None:
+        """Row i of `logits` (position start+i) scores the prompt token at position start+i+1. Positions scored
+        before a preemption are not scored again."""
+        assert request.prompt_logprobs is not None
+        prompt = request.prompt_token_ids
+        first = max(start, len(request.prompt_logprobs) - 1)
+        end = min(start + logits.shape[0], len(prompt) - 1)
+        if end <= first:
+            return
+        targets = torch.tensor(prompt[first + 1 : end + 1]).unsqueeze(1)
+        scores = torch.log_softmax(logits[first - start : end - start], dim=-1).gather(1, targets).squeeze(1)
+        request.prompt_logprobs.extend(scores.tolist())
+
     def _outputs(self, sampling: list[Request], sampled: SamplerOutput) -> list[RequestOutput]:
         outputs = []
         for i, r in enumerate(sampling):
+            first = r.num_output_tokens == 1
             outputs.append(RequestOutput(
                 r.request_id, [sampled.token_ids[i]], [sampled.logprobs[i]],
                 [sampled.top_tokens[i]] if r.params.top_n_tokens else [],
                 r.is_finished, r.finish_reason.value if r.finish_reason else None,
                 r.num_prompt_tokens, r.num_cached_tokens, r.params.seed,
+                r.prompt_logprobs if first and r.prompt_logprobs is not None else None,
             ))
         return outputs
 

@@ -18,3 +18,4 @@ class RequestOutput:
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache
     seed: int | None = None
+    prompt_logprobs: list[float | None] | None = None  # with the first token, when prompt logprobs were asked

@@ -39,6 +39,9 @@ class Request:
     num_computed_tokens: int = 0  # positions whose K/V are in the cache
     num_cached_tokens: int = 0  # prompt positions served by the prefix cache at (latest) admission
     num_preemptions: int = 0
+    # Prompt logprobs (TGI's decoder_input_details): None when not asked; else filled as prefill chunks run,
+    # position 0 has none. Such requests skip the prefix cache, whose hits would leave positions unscored.
+    prompt_logprobs: list[float | None] | None = None
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: FinishReason | None = None
 
@@ -61,6 +64,10 @@ class Request:
     @property
     def output_token_ids(self) -> list[int]:
         return self.token_ids[len(self.prompt_token_ids) :]
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < len(self.prompt_token_ids)
 
     @property
     def is_finished(self) -> bool:

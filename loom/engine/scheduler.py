@@ -104,7 +104,7 @@ class Scheduler:
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_batch_size:
             request = self.waiting[0]
-            hits = self.kv.find_cached_prefix(request.token_ids)
+            hits = [] if request.wants_prompt_logprobs else self.kv.find_cached_prefix(request.token_ids)
             computed = len(hits) * self.kv.block_size
             n = min(request.num_tokens - computed, budget)
             if not self.kv.allocate(request.request_id, computed + n, hits):
@@ -170,5 +170,7 @@ class Scheduler:
         for s in scheduled.seqs:
             r = s.request
             ids = r.token_ids[s.start : s.start + s.num_new_tokens]
-            seqs.append(SeqPlan(r.request_id, ids, s.start, self.kv.block_ids(r.request_id), s.samples))
+            seqs.append(SeqPlan(
+                r.request_id, ids, s.start, self.kv.block_ids(r.request_id), s.samples, r.wants_prompt_logprobs
+            ))
         return StepPlan(seqs, self.kv.block_size)

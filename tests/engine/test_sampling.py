@@ -169,3 +169,20 @@ def test_text_prompts_are_tokenized(llm):
     assert r.prompt == "Hello, my name is"
     assert r.prompt_token_ids == llm.tokenizer.encode("Hello, my name is")
     assert r.text == llm.tokenizer.decode(r.token_ids, skip_special_tokens=True)
+
+
+def test_prompt_logprobs_match_transformers(prompt, llama_dir):
+    # a tiny step budget sends the prompt through several chunks
+    engine = LLM(llama_dir, dtype="float32", max_batch_total_tokens=256, max_batch_prefill_tokens=5).engine
+    engine.add_request("plp", prompt, SamplingParams(max_new_tokens=2), prompt_logprobs=True)
+    outputs = []
+    while engine.has_unfinished():
+        outputs += [o for o in engine.step() if o.request_id == "plp"]
+    got = outputs[0].prompt_logprobs
+    assert outputs[1].prompt_logprobs is None  # sent once, with the first token
+    hf = AutoModelForCausalLM.from_pretrained(str(llama_dir), dtype=torch.float32)
+    with torch.no_grad():
+        logits = hf(torch.tensor([prompt])).logits[0, :-1]
+    expected = torch.log_softmax(logits, -1).gather(1, torch.tensor(prompt[1:])[:, None]).squeeze(1)
+    assert got[0] is None and len(got) == len(prompt)
+    assert torch.allclose(torch.tensor(got[1:]), expected, atol=1e-4)

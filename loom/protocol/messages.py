@@ -1,0 +1,79 @@
+"""Router ↔ engine messages: typed msgspec structs, msgpack on the wire (no pickle).
+
+router → engine: `AddRequest`, `AbortRequests`, `HealthCheck`
+engine → router: `EngineReady` (once, after the model is loaded), `StepOutputs` (one frame per engine step with
+every request's new tokens), `RequestFailed`, `HealthReport`
+"""
+
+from __future__ import annotations
+
+from typing import Union
+
+import msgspec
+
+from loom.engine.outputs import RequestOutput
+from loom.sampling_params import SamplingParams
+
+
+class AddRequest(msgspec.Struct, tag=True, frozen=True):
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    prompt_logprobs: bool = False  # return the logprob of every prompt token (TGI's decoder_input_details)
+
+
+class AbortRequests(msgspec.Struct, tag=True, frozen=True):
+    request_ids: list[str]
+
+
+class HealthCheck(msgspec.Struct, tag=True, frozen=True):
+    nonce: int
+
+
+class EngineReady(msgspec.Struct, tag=True, frozen=True):
+    architecture: str
+    dtype: str
+    max_total_tokens: int  # longest request the engine accepts (prompt + generated)
+    max_batch_total_tokens: int  # KV cache capacity in tokens
+    max_batch_prefill_tokens: int
+    max_batch_size: int
+    block_size: int
+    vocab_size: int
+
+
+class StepStats(msgspec.Struct, frozen=True):
+    num_running: int
+    num_waiting: int
+    num_prefill_tokens: int  # prompt tokens computed this step
+    num_decode_tokens: int
+    forward_seconds: float  # model forward
+    step_seconds: float  # whole step incl. scheduling and sampling
+
+
+class StepOutputs(msgspec.Struct, tag=True, frozen=True):
+    outputs: list[RequestOutput]
+    stats: StepStats
+
+
+class RequestFailed(msgspec.Struct, tag=True, frozen=True):
+    request_id: str
+    error_type: str  # "validation" (refused on arrival) or "generation" (failed while running)
+    message: str
+
+
+class HealthReport(msgspec.Struct, tag=True, frozen=True):
+    nonce: int
+    ok: bool
+    message: str = ""
+
+
+ToEngine = Union[AddRequest, AbortRequests, HealthCheck]
+FromEngine = Union[EngineReady, StepOutputs, RequestFailed, HealthReport]
+
+_encoder = msgspec.msgpack.Encoder()
+to_engine_decoder = msgspec.msgpack.Decoder(ToEngine)
+from_engine_decoder = msgspec.msgpack.Decoder(FromEngine)
+
+
+def encode(msg: ToEngine | FromEngine) -> bytes:
+    return _encoder.encode(msg)
