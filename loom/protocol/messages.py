@@ -1,8 +1,8 @@
 """Router ↔ engine messages: typed msgspec structs, msgpack on the wire (no pickle).
 
-router → engine: `AddRequest`, `AbortRequests`, `HealthCheck`
-engine → router: `EngineReady` (once, after the model is loaded), `StepOutputs` (one frame per engine step with
-every request's new tokens), `RequestFailed`, `HealthReport`
+router → engine: `Hello` (on connect), `AddRequest`, `AbortRequests`, `HealthCheck`
+engine → router: `EngineReady` (the answer to `Hello`), `StepOutputs` (one frame per engine step with every
+request's new tokens), `RequestFailed`, `HealthReport`
 """
 
 from __future__ import annotations
@@ -13,6 +13,10 @@ import msgspec
 
 from loom.engine.outputs import RequestOutput
 from loom.sampling_params import SamplingParams
+
+
+class Hello(msgspec.Struct, tag=True, frozen=True):
+    """Sent by a router when it connects; the engine answers with EngineReady."""
 
 
 class AddRequest(msgspec.Struct, tag=True, frozen=True):
@@ -67,7 +71,7 @@ class HealthReport(msgspec.Struct, tag=True, frozen=True):
     message: str = ""
 
 
-ToEngine = Union[AddRequest, AbortRequests, HealthCheck]
+ToEngine = Union[Hello, AddRequest, AbortRequests, HealthCheck]
 FromEngine = Union[EngineReady, StepOutputs, RequestFailed, HealthReport]
 
 _encoder = msgspec.msgpack.Encoder()

@@ -1,0 +1,144 @@
+"""The engine process: EngineCore behind two ZMQ sockets, driven by one loop.
+
+    router ──PUSH──▶ {endpoint}-in   (AddRequest, AbortRequests, HealthCheck)
+    router ◀──PULL── {endpoint}-out  (EngineReady once, then one StepOutputs frame per step, RequestFailed, HealthReport)
+
+The loop drains incoming messages (without waiting while there is work), runs one step, and sends all requests'
+new tokens in one frame. A failure inside a step fails the requests of that step, frees their blocks and marks the
+engine unhealthy until a health probe succeeds; the process keeps serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from dataclasses import dataclass
+
+import zmq
+
+from loom.engine.core import EngineCore
+from loom.protocol.messages import (
+    AbortRequests, AddRequest, EngineReady, HealthCheck, HealthReport, Hello, RequestFailed, StepOutputs, StepStats,
+    encode, to_engine_decoder,
+)
+from loom.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+IDLE_POLL_MS = 100
+
+
+def endpoint_paths(endpoint: str) -> tuple[str, str]:
+    """`endpoint` is an ipc:// (or tcp://host:port) base; returns the (to-engine, from-engine) addresses."""
+    if endpoint.startswith("ipc://"):
+        return f"{endpoint}-in", f"{endpoint}-out"
+    host, port = endpoint.rsplit(":", 1)
+    return endpoint, f"{host}:{int(port) + 1}"
+
+
+@dataclass
+class EngineServer:
+    engine: EngineCore
+    endpoint: str
+    healthy: bool = True
+    _stop: bool = False
+
+    def run(self) -> None:
+        ctx = zmq.Context.instance()
+        in_addr, out_addr = endpoint_paths(self.endpoint)
+        self._in = ctx.socket(zmq.PULL)
+        self._in.bind(in_addr)
+        self._out = ctx.socket(zmq.PUSH)
+        self._out.setsockopt(zmq.LINGER, 1000)
+        self._out.bind(out_addr)
+        logger.info("engine serving on %s", self.endpoint)
+        try:
+            while not self._stop:
+                self._drain(wait_ms=0 if self.engine.has_unfinished() else IDLE_POLL_MS)
+                if self.engine.has_unfinished():
+                    self._step()
+        finally:
+            self._in.close(linger=0)
+            self._out.close()
+
+    def stop(self, *_: object) -> None:
+        self._stop = True
+
+    def _ready_message(self) -> EngineReady:
+        e = self.engine
+        return EngineReady(
+            e.model_config.architecture, str(e.model_config.dtype).removeprefix("torch."), e.max_total_tokens,
+            e.kv.pool.num_blocks * e.config.block_size, e.config.max_batch_prefill_tokens, e.config.max_batch_size,
+            e.config.block_size, e.model_config.vocab_size,
+        )
+
+    def _send(self, msg: object) -> None:
+        self._out.send(encode(msg))  # type: ignore[arg-type]
+
+    def _drain(self, wait_ms: int) -> None:
+        if not self._in.poll(wait_ms):
+            return
+        while True:
+            try:
+                raw = self._in.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._handle(to_engine_decoder.decode(raw))
+
+    def _handle(self, msg: Hello | AddRequest | AbortRequests | HealthCheck) -> None:
+        if isinstance(msg, Hello):
+            self._send(self._ready_message())
+        elif isinstance(msg, AddRequest):
+            try:
+                self.engine.add_request(msg.request_id, msg.prompt_token_ids, msg.params, msg.prompt_logprobs)
+            except ValueError as err:
+                self._send(RequestFailed(msg.request_id, "validation", str(err)))
+        elif isinstance(msg, AbortRequests):
+            for rid in msg.request_ids:
+                self.engine.abort_request(rid)
+        elif isinstance(msg, HealthCheck):
+            self._send(self._health(msg.nonce))
+
+    def _step(self) -> None:
+        sched = self.engine.scheduler
+        start = time.perf_counter()
+        computed_before = sched.stats.num_computed_prompt_tokens
+        try:
+            outputs = self.engine.step()
+        except Exception as err:  # noqa: BLE001 — one bad step must not take the engine down
+            logger.exception("engine step failed")
+            self._fail_running(f"Server error: {err}")
+            return
+        elapsed = time.perf_counter() - start
+        prefill = sched.stats.num_computed_prompt_tokens - computed_before
+        stats = StepStats(len(sched.running), len(sched.waiting), prefill, len(outputs), elapsed, elapsed)
+        self._send(StepOutputs(outputs, stats))
+
+    def _fail_running(self, message: str) -> None:
+        self.healthy = False
+        sched = self.engine.scheduler
+        for request in list(sched.running) + list(sched.waiting):
+            self.engine.abort_request(request.request_id)
+            self._send(RequestFailed(request.request_id, "generation", message))
+
+    def _health(self, nonce: int) -> HealthReport:
+        """Healthy engines answer at once; after a failure, a one-token generation must succeed first (TGI's
+        liveness prefill). Steps run for the probe also carry other requests' tokens, so they go out as usual."""
+        if self.healthy:
+            return HealthReport(nonce, True)
+        probe = f"__health_{nonce}"
+        try:
+            self.engine.add_request(probe, [0], SamplingParams(max_new_tokens=1))
+        except ValueError as err:
+            return HealthReport(nonce, False, str(err))
+        self.healthy = True  # _step() sets it back to False if the probe's step fails
+        while probe in self.engine.scheduler.requests and self.healthy:
+            self._step()
+        return HealthReport(nonce, self.healthy, "" if self.healthy else "liveness generation failed")
+
+
+def serve(engine: EngineCore, endpoint: str) -> None:
+    server = EngineServer(engine, endpoint)
+    signal.signal(signal.SIGTERM, server.stop)
+    signal.signal(signal.SIGINT, server.stop)
+    server.run()

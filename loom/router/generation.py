@@ -1,0 +1,155 @@
+"""Runs a validated request on the engine and turns its token ids into TGI's tokens and text.
+
+Shared by the native and OpenAI routes: they only shape what this yields into their own JSON.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from transformers import PreTrainedTokenizerBase
+
+from loom.router.engine_client import EngineClient, EngineError
+from loom.router.errors import GenerationError, IncompleteGenerationError, ValidationError
+from loom.router.validation import ValidatedRequest
+from loom.tokenizer import IncrementalDetokenizer
+
+
+@dataclass(slots=True)
+class TokenInfo:
+    id: int
+    text: str
+    logprob: float | None
+    special: bool
+
+    def as_dict(self) -> dict:
+        return {"id": self.id, "text": self.text, "logprob": _json_float(self.logprob), "special": self.special}
+
+
+@dataclass
+class Timings:
+    start: float = field(default_factory=time.monotonic)  # request arrived
+    validated: float = 0.0
+    first_token: float = 0.0
+    end: float = 0.0
+
+    @property
+    def queue(self) -> float:
+        return max(self.first_token - self.validated, 0.0)
+
+    @property
+    def validation(self) -> float:
+        return max(self.validated - self.start, 0.0)
+
+    @property
+    def inference(self) -> float:
+        return max(self.end - self.first_token, 0.0)
+
+    @property
+    def total(self) -> float:
+        return max(self.end - self.start, 0.0)
+
+
+@dataclass
+class GenerationResult:
+    generated_text: str  # without special tokens, stop text kept; prompt-prefixed when return_full_text
+    finish_reason: str  # "length" | "eos_token" | "stop_sequence"
+    tokens: list[TokenInfo]
+    top_tokens: list[list[TokenInfo]]
+    prefill: list[dict]
+    seed: int | None
+    input_length: int
+    timings: Timings
+
+    @property
+    def generated_tokens(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def mean_logprob(self) -> float:
+        lps = [t.logprob for t in self.tokens if t.logprob is not None]
+        return sum(lps) / len(lps) if lps else float("-inf")
+
+
+@dataclass
+class StreamItem:
+    token: TokenInfo
+    top_tokens: list[TokenInfo]
+    result: GenerationResult | None  # set on the last item
+
+
+def _json_float(x: float | None) -> float | None:
+    return None if x is None or math.isnan(x) else x
+
+
+class Generator:
+    """Submits validated requests to the engine and decodes what comes back."""
+
+    def __init__(self, engine: EngineClient, tokenizer: PreTrainedTokenizerBase, enable_prefill_logprobs: bool):
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.enable_prefill_logprobs = enable_prefill_logprobs
+        self._special = frozenset(tokenizer.all_special_ids)
+
+    def token(self, token_id: int, text: str, logprob: float | None) -> TokenInfo:
+        return TokenInfo(token_id, text, logprob, token_id in self._special)
+
+    async def stream(self, req: ValidatedRequest, timings: Timings) -> AsyncIterator[StreamItem]:
+        """Yield each generated token as it arrives; the last item carries the whole result. If the consumer stops
+        early (client gone), the request is aborted in the engine and its KV blocks freed."""
+        timings.validated = timings.validated or time.monotonic()
+        prompt_logprobs = req.decoder_input_details and self.enable_prefill_logprobs
+        handle = self.engine.submit(uuid.uuid4().hex, req.prompt_token_ids, req.params, prompt_logprobs)
+        detok = IncrementalDetokenizer.for_prompt(self.tokenizer, req.prompt_token_ids)
+        tokens: list[TokenInfo] = []
+        tops: list[list[TokenInfo]] = []
+        prefill: list[dict] = []
+        try:
+            async for out in handle:
+                if not tokens:
+                    timings.first_token = time.monotonic()
+                if out.prompt_logprobs is not None:
+                    prefill = self._prefill(req.prompt_token_ids, out.prompt_logprobs)
+                for i, tid in enumerate(out.new_token_ids):
+                    tok = self.token(tid, detok.push(tid), out.new_logprobs[i])
+                    top = [self.token(t, self.tokenizer.decode([t]), lp) for t, lp in out.new_top_tokens[i]] \
+                        if i < len(out.new_top_tokens) else []
+                    tokens.append(tok)
+                    tops.append(top)
+                    last = out.finished and i == len(out.new_token_ids) - 1
+                    result = self._result(req, out, tokens, tops, prefill, timings) if last else None
+                    yield StreamItem(tok, top, result)
+                if out.finished:
+                    return
+        except EngineError as err:
+            if err.error_type == "validation":
+                raise ValidationError(err.message) from err
+            raise GenerationError(err.message) from err
+        finally:
+            self.engine.release(handle)
+        raise IncompleteGenerationError()
+
+    async def generate(self, req: ValidatedRequest, timings: Timings) -> GenerationResult:
+        async for item in self.stream(req, timings):
+            if item.result is not None:
+                return item.result
+        raise IncompleteGenerationError()
+
+    def _result(self, req, out, tokens, tops, prefill, timings) -> GenerationResult:
+        timings.end = time.monotonic()
+        text = self.tokenizer.decode([t.id for t in tokens], skip_special_tokens=True)
+        if req.return_full_text:
+            text = req.inputs + text
+        return GenerationResult(
+            text, out.finish_reason, tokens, tops if req.top_n_tokens else [], prefill,
+            out.seed if req.params.is_sampling else None, req.input_length, timings,
+        )
+
+    def _prefill(self, ids: list[int], logprobs: list[float | None]) -> list[dict]:
+        return [
+            {"id": t, "text": self.tokenizer.decode([t]), "logprob": _json_float(lp)} for t, lp in zip(ids, logprobs)
+        ]

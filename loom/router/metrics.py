@@ -1,0 +1,63 @@
+"""Prometheus metrics with TGI's names, labels and bucket layout (router/src/server.rs, backends/v3)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from loom.protocol.messages import StepOutputs
+
+
+def _duration_buckets() -> list[float]:
+    # TGI: 35 geometric buckets starting at 0.0001 × 1.5, factor 1.5
+    return [0.0001 * 1.5 ** (i + 1) for i in range(35)]
+
+
+def _linear(top: int, steps: int = 100) -> list[float]:
+    top = max(top, steps)
+    return [top * (i + 1) / steps for i in range(steps)]
+
+
+class Metrics:
+    def __init__(self, max_input_tokens: int, max_total_tokens: int, max_batch_total_tokens: int):
+        r = self.registry = CollectorRegistry()
+        d = _duration_buckets()
+        self.request_count = Counter("tgi_request_count", "Requests received", registry=r)
+        self.request_success = Counter("tgi_request_success", "Requests that completed", registry=r)
+        self.request_failure = Counter("tgi_request_failure", "Requests that failed", ["err"], registry=r)
+        self.request_duration = Histogram("tgi_request_duration", "Total request time", buckets=d, registry=r)
+        self.validation_duration = Histogram(
+            "tgi_request_validation_duration", "Validation time", buckets=d, registry=r)
+        self.queue_duration = Histogram("tgi_request_queue_duration", "Time queued", buckets=d, registry=r)
+        self.inference_duration = Histogram(
+            "tgi_request_inference_duration", "Inference time", buckets=d, registry=r)
+        self.time_per_token = Histogram(
+            "tgi_request_mean_time_per_token_duration", "Mean time per generated token", buckets=d, registry=r)
+        self.generated_tokens = Histogram(
+            "tgi_request_generated_tokens", "Generated tokens per request", buckets=_linear(max_total_tokens),
+            registry=r)
+        self.input_length = Histogram(
+            "tgi_request_input_length", "Input tokens per request", buckets=_linear(max_input_tokens), registry=r)
+        self.max_new_tokens = Histogram(
+            "tgi_request_max_new_tokens", "max_new_tokens per request", buckets=_linear(max_total_tokens),
+            registry=r)
+        self.batch_inference_count = Counter(
+            "tgi_batch_inference_count", "Engine steps", ["method"], registry=r)
+        self.batch_inference_success = Counter(
+            "tgi_batch_inference_success", "Engine steps that succeeded", ["method"], registry=r)
+        self.batch_forward_duration = Histogram(
+            "tgi_batch_forward_duration", "Engine step time", ["method"], buckets=d, registry=r)
+        self.batch_current_size = Gauge("tgi_batch_current_size", "Running requests", registry=r)
+        self.batch_max_total_tokens = Gauge(
+            "tgi_batch_max_total_tokens", "KV cache capacity in tokens", registry=r)
+        self.queue_size = Gauge("tgi_queue_size", "Waiting requests", registry=r)
+        self.batch_max_total_tokens.set(max_batch_total_tokens)
+
+    def observe_step(self, step: StepOutputs) -> None:
+        """Called by the engine client for every step frame. A step with prompt tokens counts as a prefill."""
+        s = step.stats
+        method = "prefill" if s.num_prefill_tokens else "decode"
+        self.batch_inference_count.labels(method).inc()
+        self.batch_inference_success.labels(method).inc()
+        self.batch_forward_duration.labels(method).observe(s.forward_seconds)
+        self.batch_current_size.set(s.num_running)
+        self.queue_size.set(s.num_waiting)

@@ -1,0 +1,122 @@
+"""Request validation at the edge, with TGI's checks, order and messages (router/src/validation.rs).
+
+Turns a prompt and `GenerateParameters` into token ids and engine `SamplingParams`, or raises `ValidationError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from transformers import PreTrainedTokenizerBase
+
+from loom.router.errors import ValidationError
+from loom.router.schemas import GenerateParameters
+from loom.sampling_params import DEFAULT_MAX_NEW_TOKENS_CAP, SamplingParams
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_best_of: int
+    max_stop_sequences: int
+    max_top_n_tokens: int
+    max_input_tokens: int
+    max_total_tokens: int
+    disable_grammar_support: bool = False
+
+
+@dataclass(frozen=True)
+class ValidatedRequest:
+    inputs: str
+    prompt_token_ids: list[int]
+    params: SamplingParams  # max_new_tokens resolved (TGI caps an unspecified value at 1024)
+    best_of: int
+    details: bool
+    decoder_input_details: bool
+    return_full_text: bool
+    top_n_tokens: int
+
+    @property
+    def input_length(self) -> int:
+        return len(self.prompt_token_ids)
+
+
+def check_parameters(p: GenerateParameters, limits: Limits, stream: bool) -> int:
+    """The checks that need no tokenizer, in TGI's order. Returns best_of."""
+    best_of = p.best_of if p.best_of not in (None, 0) else 1
+    if p.best_of is not None and p.best_of != 1 and stream:
+        raise ValidationError("`best_of` != 1 is not supported when streaming tokens")
+    sampling = p.do_sample or any(v is not None for v in (p.temperature, p.top_k, p.top_p, p.typical_p))
+    if best_of > 1 and not sampling:
+        raise ValidationError("you must use sampling when `best_of` is > 1")
+    if p.temperature is not None and p.temperature <= 0:
+        raise ValidationError("`temperature` must be strictly positive")
+    if p.repetition_penalty is not None and p.repetition_penalty <= 0:
+        raise ValidationError("`repetition_penalty` must be strictly positive")
+    if p.frequency_penalty is not None and not -2.0 <= p.frequency_penalty <= 2.0:
+        raise ValidationError("`frequency_penalty` must be >= -2.0 and <= 2.0")
+    if p.top_p is not None and not 0.0 < p.top_p < 1.0:
+        raise ValidationError("`top_p` must be > 0.0 and < 1.0")
+    if p.typical_p is not None and not 0.0 < p.typical_p < 1.0:
+        raise ValidationError("`typical_p` must be > 0.0 and < 1.0")
+    if p.top_k is not None and p.top_k <= 0:
+        raise ValidationError("`top_k` must be strictly positive")
+    if p.max_new_tokens == 0:
+        raise ValidationError("`max_new_tokens` must be strictly positive")
+    if len(p.stop) > limits.max_stop_sequences:
+        raise ValidationError(
+            f"`stop` supports up to {limits.max_stop_sequences} stop sequences. Given: {len(p.stop)}"
+        )
+    if best_of > 1 and p.seed is not None:
+        raise ValidationError("`seed` must not be set when `best_of` > 1")
+    top_n = p.top_n_tokens or 0
+    if top_n > limits.max_top_n_tokens:
+        raise ValidationError(f"`top_n_tokens` must be >= 0 and <= {limits.max_top_n_tokens}. Given: {top_n}")
+    if p.decoder_input_details and stream:
+        raise ValidationError("`decoder_input_details` == true is not supported when streaming tokens")
+    if p.watermark:
+        raise ValidationError("`watermark` is not supported by Loom")
+    return best_of
+
+
+async def validate(
+    inputs: str, p: GenerateParameters, tokenizer: PreTrainedTokenizerBase, limits: Limits, *, stream: bool,
+    add_special_tokens: bool = True, return_full_text_default: bool = False,
+) -> ValidatedRequest:
+    best_of = check_parameters(p, limits, stream)
+    if not inputs:
+        raise ValidationError("`inputs` cannot be empty")
+    if p.truncate is not None and (p.truncate == 0 or p.truncate > limits.max_input_tokens):
+        raise ValidationError(
+            f"`truncate` must be strictly positive and less than {limits.max_input_tokens}. Given: {p.truncate}"
+        )
+    try:
+        # Tokenizing is CPU work: off the event loop, like TGI's validation workers.
+        ids = await asyncio.to_thread(tokenizer.encode, inputs, add_special_tokens=add_special_tokens)
+    except Exception as err:  # noqa: BLE001 — any tokenizer failure is the input's problem
+        raise ValidationError(f"tokenizer error {err}") from err
+    if p.truncate is not None:
+        ids = ids[-p.truncate :]  # TGI keeps the last `truncate` tokens
+    input_length = len(ids)
+    max_new = p.max_new_tokens or min(max(limits.max_total_tokens - input_length, 0), DEFAULT_MAX_NEW_TOKENS_CAP)
+    if input_length + max_new > limits.max_total_tokens:
+        raise ValidationError(
+            f"`inputs` tokens + `max_new_tokens` must be <= {limits.max_total_tokens}. "
+            f"Given: {input_length} `inputs` tokens and {max_new} `max_new_tokens`"
+        )
+    if input_length > limits.max_input_tokens:
+        raise ValidationError(f"`inputs` must have less than {limits.max_input_tokens} tokens. Given: {input_length}")
+    if p.grammar is not None:
+        raise ValidationError("grammar is not supported")
+    if max_new == 0:
+        raise ValidationError("`max_new_tokens` must be strictly positive")
+    params = SamplingParams(
+        max_new_tokens=max_new, do_sample=p.do_sample, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
+        typical_p=p.typical_p, repetition_penalty=p.repetition_penalty, frequency_penalty=p.frequency_penalty,
+        seed=p.seed, stop=list(p.stop), top_n_tokens=p.top_n_tokens or 0, details=True,
+    )
+    full_text = p.return_full_text if p.return_full_text is not None else return_full_text_default
+    return ValidatedRequest(
+        inputs, ids, params, best_of, p.details or p.decoder_input_details, p.decoder_input_details, full_text,
+        p.top_n_tokens or 0,
+    )

@@ -1,0 +1,152 @@
+"""TGI's native routes against a real engine: shapes, SSE framing, validation messages, limits."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from loom import LLM, SamplingParams
+
+
+def sse_events(text: str) -> list[str]:
+    assert text.endswith("\n\n")
+    return [chunk for chunk in text.split("\n\n") if chunk]
+
+
+def test_generate_greedy_matches_offline_llm(client, llama_dir):
+    r = client.post("/generate", json={"inputs": "Hello world", "parameters": {"max_new_tokens": 12,
+                                                                               "details": True}})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    offline = LLM(llama_dir, dtype="float32", max_batch_total_tokens=512).generate(
+        ["Hello world"], SamplingParams(max_new_tokens=12))[0]
+    assert body["generated_text"] == offline.text
+    d = body["details"]
+    assert [t["id"] for t in d["tokens"]] == offline.token_ids
+    assert d["finish_reason"] == offline.finish_reason and d["generated_tokens"] == len(offline.token_ids)
+    assert d["seed"] is None and d["prefill"] == []
+    assert list(d) == ["finish_reason", "generated_tokens", "seed", "prefill", "tokens"]
+    assert r.headers["x-generated-tokens"] == str(len(offline.token_ids))
+
+
+def test_stream_framing_and_text_equals_non_stream(client):
+    params = {"max_new_tokens": 10, "details": True}
+    full = client.post("/generate", json={"inputs": "The cat", "parameters": params}).json()
+    r = client.post("/generate_stream", json={"inputs": "The cat", "parameters": params})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(r.text)
+    assert all(e.startswith("data:{") for e in events)  # no space after the colon, no [DONE]
+    parsed = [json.loads(e[5:]) for e in events]
+    assert [p["index"] for p in parsed] == list(range(1, len(parsed) + 1))
+    assert all(p["generated_text"] is None and p["details"] is None for p in parsed[:-1])
+    assert parsed[-1]["generated_text"] == full["generated_text"]
+    assert "".join(p["token"]["text"] for p in parsed) == full["generated_text"]
+    assert parsed[-1]["details"] == {"finish_reason": full["details"]["finish_reason"],
+                                     "generated_tokens": 10, "seed": None, "input_length": 2}
+    assert list(parsed[0]) == ["index", "token", "generated_text", "details"]
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"temperature": 0}, "`temperature` must be strictly positive"),
+    ({"top_p": 1.0}, "`top_p` must be > 0.0 and < 1.0"),
+    ({"top_k": 0}, "`top_k` must be strictly positive"),
+    ({"max_new_tokens": 0}, "`max_new_tokens` must be strictly positive"),
+    ({"repetition_penalty": -1}, "`repetition_penalty` must be strictly positive"),
+    ({"frequency_penalty": 3}, "`frequency_penalty` must be >= -2.0 and <= 2.0"),
+    ({"typical_p": 0}, "`typical_p` must be > 0.0 and < 1.0"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, "`stop` supports up to 4 stop sequences. Given: 5"),
+    ({"top_n_tokens": 6}, "`top_n_tokens` must be >= 0 and <= 5. Given: 6"),
+    ({"best_of": 2}, "you must use sampling when `best_of` is > 1"),
+    ({"best_of": 2, "do_sample": True, "seed": 1}, "`seed` must not be set when `best_of` > 1"),
+    ({"truncate": 0}, "`truncate` must be strictly positive and less than 511. Given: 0"),
+    ({"max_new_tokens": 600}, "`inputs` tokens + `max_new_tokens` must be <= 512. Given: 2 `inputs` tokens and 600 `max_new_tokens`"),
+])
+def test_validation_errors_have_tgi_messages(client, params, message):
+    r = client.post("/generate", json={"inputs": "Hello world", "parameters": params})
+    assert r.status_code == 422
+    assert r.json() == {"error": f"Input validation error: {message}", "error_type": "validation"}
+
+
+def test_empty_inputs_and_bad_bodies(client):
+    r = client.post("/generate", json={"inputs": "", "parameters": {}})
+    assert r.status_code == 422 and r.json()["error"] == "Input validation error: `inputs` cannot be empty"
+    r = client.post("/generate", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.headers["content-type"].startswith("text/plain")
+    r = client.post("/generate", content=b'{"inputs": "x"}', headers={"content-type": "text/plain"})
+    assert r.status_code == 415
+    r = client.post("/generate", json={"parameters": {}})
+    assert r.status_code == 422 and "Failed to deserialize the JSON body" in r.text
+
+
+def test_errors_inside_the_stream_keep_status_200(client):
+    r = client.post("/generate_stream", json={"inputs": "Hi", "parameters": {"temperature": -1}})
+    assert r.status_code == 200
+    assert sse_events(r.text) == [
+        'data:{"error":"Input validation error: `temperature` must be strictly positive","error_type":"validation"}'
+    ]
+
+
+def test_compat_route_returns_a_list_and_full_text(client):
+    r = client.post("/", json={"inputs": "Hello", "parameters": {"max_new_tokens": 3}})
+    assert r.status_code == 200
+    body = r.json()
+    assert isinstance(body, list) and body[0]["generated_text"].startswith("Hello")
+    r = client.post("/", json={"inputs": "Hello", "parameters": {"max_new_tokens": 3}, "stream": True})
+    assert r.headers["content-type"].startswith("text/event-stream")
+
+
+def test_absent_parameters_mean_sampling_with_a_seed(client):
+    r = client.post("/generate", json={"inputs": "Hello"})
+    assert r.status_code == 200
+    r = client.post("/generate", json={"inputs": "Hello", "parameters": {"details": True, "do_sample": True,
+                                                                          "max_new_tokens": 4}})
+    assert isinstance(r.json()["details"]["seed"], int)
+
+
+def test_top_n_tokens_and_best_of(client):
+    r = client.post("/generate", json={"inputs": "Hello", "parameters": {
+        "max_new_tokens": 4, "details": True, "top_n_tokens": 2}})
+    d = r.json()["details"]
+    assert len(d["top_tokens"]) == 4 and all(len(step) >= 2 for step in d["top_tokens"])
+    r = client.post("/generate", json={"inputs": "Hello", "parameters": {
+        "max_new_tokens": 4, "details": True, "best_of": 2, "do_sample": True}})
+    assert r.status_code == 200, r.text
+    d = r.json()["details"]
+    assert len(d["best_of_sequences"]) == 1
+    assert r.json()["generated_text"] != "" or d["best_of_sequences"][0]["generated_text"] is not None
+    r = client.post("/generate", json={"inputs": "Hello", "parameters": {"best_of": 3, "do_sample": True}})
+    assert r.status_code == 422 and "`best_of` must be > 0 and <= 2. Given: 3" in r.json()["error"]
+
+
+def test_tokenize_info_health_models_metrics(client):
+    toks = client.post("/tokenize", json={"inputs": "Hello world"}).json()
+    assert [t["text"] for t in toks] == ["Hello", " world"]
+    assert toks[1]["start"] == 5 and toks[1]["stop"] == 11
+    info = client.get("/info").json()
+    assert info["model_id"] == "loom-test/tiny-llama" and info["max_total_tokens"] == 512
+    assert info["max_input_tokens"] == 511 and info["router"] == "text-generation-router"
+    assert client.get("/health").status_code == 200
+    assert client.get("/ping").status_code == 200
+    models = client.get("/v1/models").json()
+    assert models["data"][0]["id"] == "loom-test/tiny-llama"
+    client.post("/generate", json={"inputs": "Hello", "parameters": {"max_new_tokens": 2}})
+    text = client.get("/metrics").text
+    for name in ("tgi_request_count", "tgi_request_success", "tgi_batch_inference_count", "tgi_queue_size",
+                 "tgi_request_duration_bucket", "tgi_batch_max_total_tokens"):
+        assert name in text
+
+
+def test_api_key(make_client):
+    c = make_client(api_key="secret")
+    assert c.post("/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": 1}}).status_code == 401
+    r = c.post("/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": 1}},
+               headers={"Authorization": "bearer SECRET"})
+    assert r.status_code == 200  # TGI compares case-insensitively
+    assert c.get("/health").status_code == 200  # open route
+
+
+def test_payload_limit(make_client):
+    c = make_client(payload_limit=100)
+    r = c.post("/generate", json={"inputs": "x" * 200})
+    assert r.status_code == 413
