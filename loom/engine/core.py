@@ -37,13 +37,21 @@ def available_memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
-def kv_cache_tokens(model: ModelConfig, config: EngineConfig, max_total_tokens: int) -> int:
+# A CPU engine computes a few hundred tokens per second at most: past this many cached tokens, more KV memory only
+# lengthens start-up (the cache is zeroed) without admitting useful work.
+DEFAULT_MAX_KV_TOKENS_CPU = 131_072
+
+
+def kv_cache_tokens(model: ModelConfig, config: EngineConfig, max_total_tokens: int, device: str) -> int:
     """The KV budget: `max_batch_total_tokens` when given, else a share of available memory, never more than a
-    full batch of full-length sequences could use."""
+    full batch of full-length sequences could use (nor DEFAULT_MAX_KV_TOKENS_CPU on CPU)."""
     if config.max_batch_total_tokens is not None:
         return config.max_batch_total_tokens
     by_memory = int(available_memory_bytes() * config.kv_memory_fraction) // model.kv_bytes_per_token()
-    return max(min(by_memory, config.max_batch_size * max_total_tokens), config.block_size)
+    tokens = min(by_memory, config.max_batch_size * max_total_tokens)
+    if torch.device(device).type == "cpu":
+        tokens = min(tokens, DEFAULT_MAX_KV_TOKENS_CPU)
+    return max(tokens, config.block_size)
 
 
 class EngineCore:
@@ -56,7 +64,7 @@ class EngineCore:
         self.tokenizer = load_tokenizer(model_path)
         self.eos_token_ids = eos_token_ids(model_path, self.tokenizer)
         limit = min(config.max_total_tokens or self.model_config.max_model_len, self.model_config.max_model_len)
-        kv_tokens = kv_cache_tokens(self.model_config, config, limit)
+        kv_tokens = kv_cache_tokens(self.model_config, config, limit, device)
         num_blocks = max(kv_tokens // config.block_size, 1)
         self.max_total_tokens = min(limit, num_blocks * config.block_size)
         self.runner = ModelRunner(self.model_config, num_blocks, config.block_size, device)

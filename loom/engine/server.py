@@ -124,6 +124,12 @@ class EngineServer:
     def _health(self, nonce: int) -> HealthReport:
         """Healthy engines answer at once; after a failure, a one-token generation must succeed first (TGI's
         liveness prefill). Steps run for the probe also carry other requests' tokens, so they go out as usual."""
+        if not self.engine.has_unfinished():
+            try:
+                self.engine.check_integrity()  # idle: every KV block must be free or cached, none leaked
+            except AssertionError as err:
+                logger.error("KV cache integrity check failed: %s", err)
+                return HealthReport(nonce, False, f"KV cache integrity: {err}")
         if self.healthy:
             return HealthReport(nonce, True)
         probe = f"__health_{nonce}"

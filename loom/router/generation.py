@@ -9,6 +9,7 @@ import math
 import time
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass, field
 
 from transformers import PreTrainedTokenizerBase
@@ -134,9 +135,10 @@ class Generator:
         raise IncompleteGenerationError()
 
     async def generate(self, req: ValidatedRequest, timings: Timings) -> GenerationResult:
-        async for item in self.stream(req, timings):
-            if item.result is not None:
-                return item.result
+        async with aclosing(self.stream(req, timings)) as items:
+            async for item in items:
+                if item.result is not None:
+                    return item.result
         raise IncompleteGenerationError()
 
     def _result(self, req, out, tokens, tops, prefill, timings) -> GenerationResult:

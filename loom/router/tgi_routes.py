@@ -6,6 +6,7 @@ import asyncio
 import os
 import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -21,6 +22,7 @@ from loom.router.validation import ValidatedRequest, validate
 
 router = APIRouter()
 HEALTH_TIMEOUT_SECONDS = 10.0
+DISCONNECT_POLL_SECONDS = 0.5
 
 
 def _state(request: Request) -> RouterState:
@@ -143,11 +145,29 @@ async def _generate_json(state: RouterState, body: GenerateRequest, full_text_de
     return response, response_headers([result], body.inputs)
 
 
+async def until_disconnected(request: Request, state: RouterState, work):
+    """Await `work`, cancelling it if the client disconnects first (its engine requests are then aborted and
+    their KV blocks freed). Uvicorn does not cancel non-streaming handlers by itself."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_SECONDS)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                task.cancel()
+                state.metrics.request_failure.labels("dropped").inc()
+                raise asyncio.CancelledError("client disconnected")
+    finally:
+        if not task.done():
+            task.cancel()
+
+
 @router.post("/generate", openapi_extra=_schema(GenerateRequest), tags=["Text Generation Inference"])
 async def generate(request: Request) -> Response:
     state = _state(request)
     body = await parse_body(request, GenerateRequest)
-    response, headers = await _generate_json(state, body, full_text_default=False)
+    response, headers = await until_disconnected(request, state, _generate_json(state, body, False))
     return JSONResponse(response, headers=headers)
 
 
@@ -176,16 +196,20 @@ async def native_stream(state: RouterState, body: GenerateRequest, full_text_def
         vreq = await _validated(state, body, stream=True, full_text_default=full_text_default)
         timings.validated = time.monotonic()
         with state.permit():
-            index = 0
-            async for item in state.generator.stream(vreq, timings):
-                index += 1
-                yield sse_data(compact(stream_event(index, item, vreq.details)))
-                if item.result is not None:
-                    _record_success(state, item.result)
+            async with aclosing(state.generator.stream(vreq, timings)) as items:
+                index = 0
+                async for item in items:
+                    index += 1
+                    yield sse_data(compact(stream_event(index, item, vreq.details)))
+                    if item.result is not None:
+                        _record_success(state, item.result)
     except InferError as err:
         if err.error_type not in ("validation", "overloaded"):
             state.metrics.request_failure.labels(_failure_label(err)).inc()
         yield sse_data(compact(err.body()))
+    except (GeneratorExit, asyncio.CancelledError):
+        state.metrics.request_failure.labels("dropped").inc()  # client went away; the engine aborts it
+        raise
 
 
 def sse_response(events: AsyncIterator[bytes], inputs: str) -> StreamingResponse:
@@ -209,7 +233,7 @@ async def compat_generate(request: Request) -> Response:
     full_text = state.config.model_pipeline_tag in (None, "text-generation")
     if body.stream:
         return sse_response(native_stream(state, body, full_text_default=full_text), body.inputs)
-    response, headers = await _generate_json(state, body, full_text_default=full_text)
+    response, headers = await until_disconnected(request, state, _generate_json(state, body, full_text))
     return JSONResponse([response], headers=headers)
 
 

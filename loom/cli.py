@@ -1,0 +1,99 @@
+"""Command line: `loom launch` (the server), and the internal `engine` / `router` process entry points."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+USAGE = """usage: loom <command> [options]
+
+commands:
+  launch     serve a model with TGI's HTTP API (same flags as text-generation-launcher); `loom launch --help`
+  engine     (internal) run the engine process of a launched server
+  router     (internal) run the HTTP router process of a launched server
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command == "launch":
+        from loom.launcher import launch
+
+        return launch(rest)
+    if command in ("engine", "router"):
+        ap = argparse.ArgumentParser(prog=f"loom {command}")
+        ap.add_argument("--config", required=True, help="run config written by the launcher")
+        config = json.loads(open(ap.parse_args(rest).config).read())
+        return run_engine(config) if command == "engine" else run_router(config)
+    print(f"loom: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+    return 2
+
+
+def launcher_main() -> int:
+    """`text-generation-launcher`: TGI's launcher name, same flags as `loom launch`."""
+    from loom.launcher import launch
+
+    return launch(sys.argv[1:])
+
+
+def run_engine(config: dict) -> int:
+    from loom.config import EngineConfig
+    from loom.engine.core import EngineCore
+    from loom.engine.server import serve
+    from loom.logs import setup_logging
+
+    setup_logging(config["json_output"])
+    engine = EngineCore(config["model_dir"], config["dtype"], EngineConfig(**config["engine"]))
+    serve(engine, config["endpoint"])
+    return 0
+
+
+def run_router(config: dict) -> int:
+    import logging
+
+    import uvicorn
+
+    from loom.logs import setup_logging
+    from loom.router.app import create_app
+    from loom.router.config import RouterConfig
+
+    setup_logging(config["json_output"])
+    rc = config["router"]
+    router_config = RouterConfig(**{**rc, "cors_allow_origin": tuple(rc["cors_allow_origin"])})
+    app = create_app(router_config, config["endpoint"])
+    _start_prometheus_listener(app, router_config.hostname, config["prometheus_port"])
+    uvicorn.run(
+        app, host=router_config.hostname, port=router_config.port, log_config=None,
+        timeout_graceful_shutdown=config["graceful_termination_timeout"], access_log=False,
+    )
+    logging.getLogger("loom.router").info("router stopped")
+    return 0
+
+
+def _start_prometheus_listener(app, host: str, port: int) -> None:
+    """TGI also serves the metrics on a separate port; a busy port only costs that listener (warned)."""
+    import logging
+    import threading
+
+    from prometheus_client import start_http_server
+
+    def start_when_ready() -> None:
+        import time
+
+        while getattr(app.state, "loom", None) is None:
+            time.sleep(0.1)
+        try:
+            start_http_server(port, addr=host, registry=app.state.loom.metrics.registry)
+        except OSError as err:
+            logging.getLogger("loom.router").warning("prometheus listener on port %d not started: %s", port, err)
+
+    threading.Thread(target=start_when_ready, name="prometheus", daemon=True).start()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""`loom launch` / `text-generation-launcher` flags: TGI's names, defaults and environment variables.
+
+Every flag also reads the environment variable of its SCREAMING_SNAKE name (as clap's `env` does in TGI); the
+command line wins. TGI flags Loom does not implement are still parsed so that using one is refused with a clear
+message instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import os
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+def _bool(value: str | bool) -> bool:
+    if isinstance(value, bool):
+        return value
+    return value.strip().lower() in ("1", "true", "yes", "on")
+
+
+# (flag, type, default, help). type "flag" = boolean switch.
+SUPPORTED: list[tuple[str, Any, Any, str]] = [
+    ("--model-id", str, None, "Hub id or local directory of the model. Default: a small random-weight demo model"),
+    ("--revision", str, None, "Hub revision (branch, tag or commit) to download"),
+    ("--dtype", str, None, "float32, bfloat16 or float16 (default: the checkpoint's dtype)"),
+    ("--num-shard", int, None, "Number of tensor-parallel engine ranks (only 1 for now)"),
+    ("--sharded", _bool, None, "Shard the model (requires --num-shard > 1)"),
+    ("--hostname", str, "0.0.0.0", "IP address to listen on"),
+    ("--port", int, 3000, "HTTP port"),
+    ("--prometheus-port", int, 9000, "Port of the separate Prometheus /metrics listener"),
+    ("--max-concurrent-requests", int, 128, "In-flight requests before new ones get 429 Model is overloaded"),
+    ("--max-best-of", int, 2, "Largest `best_of` a request may ask"),
+    ("--max-stop-sequences", int, 4, "Most stop sequences per request"),
+    ("--max-top-n-tokens", int, 5, "Largest `top_n_tokens` a request may ask"),
+    ("--max-input-tokens", int, None, "Longest prompt in tokens (default: max-total-tokens - 1)"),
+    ("--max-input-length", int, None, "Legacy name of --max-input-tokens"),
+    ("--max-total-tokens", int, None, "Longest prompt + generation in tokens (default: the model's context)"),
+    ("--waiting-served-ratio", float, 0.3, "Accepted for compatibility; Loom always chunks prefills, where TGI "
+                                           "ignores it too"),
+    ("--max-batch-prefill-tokens", int, None, "Tokens computed per engine step (prompt chunks + decodes); "
+                                              "default 4096"),
+    ("--max-batch-total-tokens", int, None, "KV cache capacity in tokens (default: from available memory)"),
+    ("--max-waiting-tokens", int, 20, "Accepted for compatibility; ignored with chunked prefill, as in TGI"),
+    ("--max-batch-size", int, None, "Most sequences in one engine step (default 256)"),
+    ("--validation-workers", int, 2, "Reported by /info; tokenization runs in a thread pool"),
+    ("--api-key", str, None, "Require `Authorization: Bearer <key>` on generation routes"),
+    ("--cors-allow-origin", str, None, "Allowed CORS origin (repeatable; default any)"),
+    ("--payload-limit", int, 2_000_000, "Largest request body in bytes (413 above)"),
+    ("--json-output", "flag", False, "Log one JSON object per line"),
+    ("--tokenizer-config-path", str, None, "tokenizer_config.json to take the chat template from"),
+    ("--max-client-batch-size", int, 4, "Most prompts in one /v1/completions request"),
+    ("--enable-prefill-logprobs", "flag", False, "Allow `decoder_input_details` to return prompt logprobs"),
+    ("--graceful-termination-timeout", int, 90, "Seconds children get to exit after SIGTERM"),
+    ("--disable-grammar-support", "flag", False, "Refuse `grammar` / `response_format` requests"),
+    ("--master-addr", str, "localhost", "torch.distributed master address (tensor parallelism)"),
+    ("--master-port", int, 29500, "torch.distributed master port (tensor parallelism)"),
+    ("--huggingface-hub-cache", str, None, "Hub cache directory (HF_HUB_CACHE)"),
+    ("--usage-stats", str, "on", "Accepted for compatibility; Loom sends no telemetry"),
+]
+
+# TGI flags Loom parses but refuses (with the reason) when set.
+UNSUPPORTED: dict[str, str] = {
+    "--quantize": "weight quantization is not implemented yet",
+    "--speculate": "speculative decoding is not implemented yet",
+    "--kv-cache-dtype": "fp8 KV cache is not implemented",
+    "--trust-remote-code": "remote code is never executed: Loom runs its own model implementations",
+    "--lora-adapters": "LoRA adapters are not implemented",
+    "--rope-scaling": "overriding rope scaling is not supported; edit config.json instead",
+    "--rope-factor": "overriding rope scaling is not supported; edit config.json instead",
+    "--watermark-gamma": "watermarking is not implemented",
+    "--watermark-delta": "watermarking is not implemented",
+    "--cuda-graphs": "CUDA graphs are not implemented",
+    "--cuda-memory-fraction": "CUDA memory fraction is not implemented",
+    "--otlp-endpoint": "OpenTelemetry export is not implemented yet",
+    "--otlp-service-name": "OpenTelemetry export is not implemented yet",
+    "--ngrok": "ngrok tunnels are not supported",
+    "--ngrok-authtoken": "ngrok tunnels are not supported",
+    "--ngrok-edge": "ngrok tunnels are not supported",
+    "--weights-cache-override": "not supported; pass a local directory as --model-id",
+    "--disable-custom-kernels": "Loom has no custom kernels to disable",
+    "--shard-uds-path": "Loom picks a unique socket per server instance itself",
+}
+_UNSUPPORTED_SWITCHES = {"--trust-remote-code", "--ngrok", "--disable-custom-kernels"}
+
+
+def env_name(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_").upper()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="loom launch",
+        description="Serve a model with TGI's HTTP API (also installed as text-generation-launcher). "
+                    "Every flag can also be set by its environment variable, e.g. --max-batch-size → MAX_BATCH_SIZE.",
+    )
+    for flag, typ, default, help_text in SUPPORTED:
+        env = env_name(flag)
+        if typ == "flag":
+            p.add_argument(flag, action="store_true", default=None, help=f"{help_text} [env: {env}]")
+        elif flag == "--cors-allow-origin":
+            p.add_argument(flag, action="append", default=None, help=f"{help_text} [env: {env}]")
+        else:
+            shown = f" (default: {default})" if default is not None else ""
+            p.add_argument(flag, type=typ, default=None, help=f"{help_text}{shown} [env: {env}]")
+    unsupported = p.add_argument_group("TGI flags Loom refuses (listed so that using one fails clearly)")
+    for flag, reason in UNSUPPORTED.items():
+        if flag in _UNSUPPORTED_SWITCHES:
+            unsupported.add_argument(flag, action="store_true", default=None, help=reason)
+        else:
+            unsupported.add_argument(flag, default=None, help=reason)
+    return p
+
+
+def resolve(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> dict[str, Any]:
+    """Flags from the command line, else the environment, else TGI's default. Refuses unsupported flags."""
+    environ = dict(os.environ if environ is None else environ)
+    ns = vars(build_parser().parse_args(argv))
+    for flag, reason in UNSUPPORTED.items():
+        key = flag.lstrip("-").replace("-", "_")
+        value = ns.get(key) if ns.get(key) is not None else environ.get(env_name(flag))
+        if value not in (None, False, ""):
+            raise SystemExit(f"error: {flag} is not supported by Loom: {reason}")
+    out: dict[str, Any] = {}
+    for flag, typ, default, _ in SUPPORTED:
+        key = flag.lstrip("-").replace("-", "_")
+        value = ns.get(key)
+        if value is None and env_name(flag) in environ and environ[env_name(flag)] != "":
+            raw = environ[env_name(flag)]
+            value = _bool(raw) if typ in ("flag", _bool) else [raw] if flag == "--cors-allow-origin" else typ(raw)
+        out[key] = default if value is None else value
+    return _check(out, environ)
+
+
+def _check(args: dict[str, Any], environ: dict[str, str]) -> dict[str, Any]:
+    if args["max_input_length"] is not None:
+        if args["max_input_tokens"] is not None:
+            raise SystemExit("error: use either --max-input-tokens or its legacy name --max-input-length, not both")
+        args["max_input_tokens"] = args["max_input_length"]
+    try:
+        ipaddress.ip_address(args["hostname"])
+    except ValueError:
+        # TGI's quirk kept: HOSTNAME is usually the machine's name in the environment, not an address.
+        logger.warning("invalid hostname %r, defaulting to 0.0.0.0", args["hostname"])
+        args["hostname"] = "0.0.0.0"
+    num_shard = args["num_shard"] or 1
+    if num_shard > 1 or args["sharded"]:
+        raise SystemExit("error: tensor parallelism (--num-shard > 1 / --sharded) is not implemented yet")
+    if args["validation_workers"] <= 0:
+        raise SystemExit("error: `validation_workers` must be > 0")
+    if args["max_batch_size"] == 0:
+        raise SystemExit("error: `max_batch_size` must be > 0")
+    if args["max_input_tokens"] is not None and args["max_total_tokens"] is not None \
+            and args["max_input_tokens"] >= args["max_total_tokens"]:
+        raise SystemExit("error: `max_input_tokens` must be < `max_total_tokens`")
+    return args

@@ -1,0 +1,131 @@
+"""The real launcher with the clients people already use: text-generation, huggingface_hub, raw HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+
+import pytest
+import requests
+from huggingface_hub import InferenceClient
+from text_generation import AsyncClient, Client
+from text_generation.errors import OverloadedError, ValidationError
+
+from loom import LLM, SamplingParams
+
+
+def test_text_generation_client_matches_offline_llm(server, llama_dir):
+    client = Client(server.url, timeout=60)
+    r = client.generate("Hello world", max_new_tokens=16, decoder_input_details=False)
+    offline = LLM(llama_dir, dtype="float32", max_batch_total_tokens=512).generate(
+        ["Hello world"], SamplingParams(max_new_tokens=16))[0]
+    assert r.generated_text == offline.text
+    assert [t.id for t in r.details.tokens] == offline.token_ids
+    assert r.details.finish_reason.value == offline.finish_reason
+    streamed = [resp for resp in client.generate_stream("Hello world", max_new_tokens=16)]
+    assert "".join(s.token.text for s in streamed) == r.generated_text
+    assert streamed[-1].generated_text == r.generated_text
+    with pytest.raises(ValidationError, match="`temperature` must be strictly positive"):
+        client.generate("Hello", temperature=-1.0)
+
+
+def test_text_generation_async_client(server):
+    async def run():
+        client = AsyncClient(server.url, timeout=60)
+        results = await asyncio.gather(*(client.generate(f"Prompt {i}", max_new_tokens=6) for i in range(3)))
+        events = [e async for e in client.generate_stream("Prompt 0", max_new_tokens=6)]
+        return results, events
+
+    results, events = asyncio.run(run())
+    assert all(r.details.generated_tokens == 6 or r.details.finish_reason.value == "eos_token" for r in results)
+    assert events[-1].generated_text == results[0].generated_text
+
+
+def test_huggingface_hub_inference_client(server):
+    client = InferenceClient(base_url=server.url)
+    text = client.text_generation("Hello world", max_new_tokens=8)
+    # POST / returns the full text unless asked otherwise (TGI: pipeline tag text-generation or unknown)
+    assert text.startswith("Hello world") and len(text) > len("Hello world")
+    out = client.text_generation("Hello world", max_new_tokens=8, details=True)
+    assert out.details.generated_tokens <= 8 and out.generated_text == text
+    assert client.text_generation("Hello world", max_new_tokens=8, return_full_text=False) == text[11:]
+    chunks = list(client.text_generation("Hello world", max_new_tokens=8, stream=True))
+    assert "Hello world" + "".join(chunks) == text
+
+
+def test_raw_sse_framing(server):
+    r = requests.post(f"{server.url}/generate_stream", json={"inputs": "Hi", "parameters": {"max_new_tokens": 3}},
+                      stream=True, timeout=60)
+    raw = r.content.decode()
+    assert r.headers["content-type"].startswith("text/event-stream")
+    assert raw.startswith("data:{") and raw.endswith("}\n\n") and "[DONE]" not in raw
+
+
+def test_overload_returns_429(server):
+    """--max-concurrent-requests 3: three streams in flight hold every permit."""
+    stop = threading.Event()
+    opened = threading.Barrier(4)
+
+    def hold():
+        with requests.post(f"{server.url}/generate_stream", stream=True, timeout=120,
+                           json={"inputs": "Hold", "parameters": {"max_new_tokens": 500}}) as r:
+            lines = r.iter_lines()
+            next(lines)
+            opened.wait()
+            stop.wait(30)
+
+    threads = [threading.Thread(target=hold) for _ in range(3)]
+    for t in threads:
+        t.start()
+    opened.wait(timeout=60)
+    try:
+        r = requests.post(f"{server.url}/generate", json={"inputs": "x", "parameters": {"max_new_tokens": 1}})
+        assert r.status_code == 429
+        assert r.json() == {"error": "Model is overloaded", "error_type": "overloaded"}
+        with pytest.raises(OverloadedError):
+            Client(server.url).generate("x", max_new_tokens=1)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+
+
+def _metric(server, name: str) -> float:
+    text = requests.get(f"{server.url}/metrics").text
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_client_disconnect_aborts_and_frees_blocks(server):
+    dropped = _metric(server, 'tgi_request_failure_total{err="dropped"}')
+    with requests.post(f"{server.url}/generate_stream", stream=True, timeout=60,
+                       json={"inputs": "Bye", "parameters": {"max_new_tokens": 500}}) as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith(b"data:")
+    deadline = time.monotonic() + 30
+    while _metric(server, 'tgi_request_failure_total{err="dropped"}') <= dropped:
+        assert time.monotonic() < deadline, "disconnect was not noticed"
+        time.sleep(0.2)
+    while _metric(server, "tgi_batch_current_size") > 0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    # /health runs the engine's KV integrity check when idle: no block held by the aborted request
+    assert requests.get(f"{server.url}/health").status_code == 200
+    r = requests.post(f"{server.url}/generate", json={"inputs": "Again", "parameters": {"max_new_tokens": 4}})
+    assert r.status_code == 200
+
+
+def test_api_key_and_payload_limit(launch):
+    s = launch("--api-key", "s3cret", "--payload-limit", "1000")
+    body = {"inputs": "Hi", "parameters": {"max_new_tokens": 2}}
+    r = requests.post(f"{s.url}/generate", json=body)
+    assert r.status_code == 401 and r.content == b""
+    r = requests.post(f"{s.url}/generate", json=body, headers={"Authorization": "Bearer s3cret"})
+    assert r.status_code == 200
+    assert requests.get(f"{s.url}/health").status_code == 200
+    r = requests.post(f"{s.url}/generate", json={"inputs": "x" * 5000}, headers={"Authorization": "Bearer s3cret"})
+    assert r.status_code == 413
+    assert json.loads(requests.get(f"{s.url}/info").text)["max_total_tokens"] == 512

@@ -1,0 +1,56 @@
+"""The launcher supervises: SIGTERM stops everything in time; a dead child takes the server down."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+
+def _alive(pid: int) -> bool:
+    stat = Path(f"/proc/{pid}/stat")
+    try:
+        return stat.read_text().split(")")[-1].split()[0] != "Z"  # a zombie has exited
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def test_sigterm_stops_every_child_within_the_timeout(launch):
+    server = launch("--graceful-termination-timeout", "10")
+    pids = [server.child_pid("engine"), server.child_pid("router")]
+    start = time.monotonic()
+    code = server.stop(timeout=30)
+    assert code == 0
+    assert time.monotonic() - start < 25
+    assert not any(_alive(p) for p in pids)
+    assert _port_free(server.port)
+
+
+def test_killing_the_engine_takes_the_server_down(launch):
+    server = launch()
+    engine, router = server.child_pid("engine"), server.child_pid("router")
+    os.kill(engine, signal.SIGKILL)
+    try:
+        code = server.proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        raise AssertionError("launcher kept running after its engine died:\n" + server.logs())
+    assert code != 0
+    assert "engine exited unexpectedly" in server.logs()
+    deadline = time.monotonic() + 10
+    while _alive(router) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(router)
+    assert _port_free(server.port)
