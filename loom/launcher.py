@@ -49,7 +49,7 @@ def download(repo_id: str, revision: str | None) -> Path:
     logger.info("resolving %s from the Hugging Face Hub", repo_id)
     try:
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
-    except Exception as err:  # noqa: BLE001 — network, auth and not-found errors all end here
+    except Exception as err:
         raise SystemExit(
             f"error: could not get model {repo_id!r} from the Hugging Face Hub ({type(err).__name__}: {err}). "
             "Without network access, pass a local model directory as --model-id."
@@ -146,7 +146,7 @@ class Launcher:
 
 def _healthy(url: str) -> bool:
     try:
-        with urllib.request.urlopen(url, timeout=2) as resp:  # noqa: S310 — our own loopback URL
+        with urllib.request.urlopen(url, timeout=2) as resp:
             return resp.status == 200
     except (OSError, ValueError):
         return False

@@ -19,8 +19,17 @@ import zmq
 
 from loom.engine.core import EngineCore
 from loom.protocol.messages import (
-    AbortRequests, AddRequest, EngineReady, HealthCheck, HealthReport, Hello, RequestFailed, StepOutputs, StepStats,
-    encode, to_engine_decoder,
+    AbortRequests,
+    AddRequest,
+    EngineReady,
+    HealthCheck,
+    HealthReport,
+    Hello,
+    RequestFailed,
+    StepOutputs,
+    StepStats,
+    encode,
+    to_engine_decoder,
 )
 from loom.sampling_params import SamplingParams
 
@@ -105,7 +114,7 @@ class EngineServer:
         computed_before = sched.stats.num_computed_prompt_tokens
         try:
             outputs = self.engine.step()
-        except Exception as err:  # noqa: BLE001 — one bad step must not take the engine down
+        except Exception as err:
             logger.exception("engine step failed")
             self._fail_running(f"Server error: {err}")
             return

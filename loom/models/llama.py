@@ -6,8 +6,9 @@ computed this step, across all sequences; attention finds each sequence's contex
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 import torch.nn.functional as F

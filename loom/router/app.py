@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
-from typing import Iterator, TypeVar
+from typing import TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
@@ -17,6 +18,7 @@ from pydantic import ValidationError as PydanticValidationError
 from transformers import PreTrainedTokenizerBase
 
 from loom import __version__
+from loom.router.chat import ChatTemplate
 from loom.router.config import RouterConfig
 from loom.router.engine_client import EngineClient
 from loom.router.errors import InferError, OverloadedError, infer_error_handler
@@ -52,16 +54,17 @@ class RouterState:
     generator: Generator
     metrics: Metrics
     permits: asyncio.Semaphore
+    chat_template: ChatTemplate
     draining: bool = False
 
     @contextmanager
     def permit(self, count: int = 1) -> Iterator[None]:
         """TGI's non-blocking try-acquire of `max_concurrent_requests`: no free permit → 429 at once."""
-        if self.permits._value < count:  # noqa: SLF001 — asyncio.Semaphore has no try_acquire
+        if self.permits._value < count:
             self.metrics.request_failure.labels("overloaded").inc()
             raise OverloadedError()
         for _ in range(count):
-            self.permits._value -= 1  # noqa: SLF001 — single-threaded event loop: no await between check and take
+            self.permits._value -= 1
         try:
             yield
         finally:
@@ -108,6 +111,7 @@ def build_state(config: RouterConfig, engine: EngineClient) -> RouterState:
     return RouterState(
         config, engine, tokenizer, limits, Generator(engine, tokenizer, config.enable_prefill_logprobs), metrics,
         asyncio.Semaphore(config.max_concurrent_requests),
+        ChatTemplate.load(tokenizer, config.model_dir, config.tokenizer_config_path),
     )
 
 

@@ -15,7 +15,16 @@ import zmq.asyncio
 from loom.engine.outputs import RequestOutput
 from loom.engine.server import endpoint_paths
 from loom.protocol.messages import (
-    AbortRequests, AddRequest, EngineReady, HealthCheck, HealthReport, Hello, RequestFailed, StepOutputs, StepStats, encode,
+    AbortRequests,
+    AddRequest,
+    EngineReady,
+    HealthCheck,
+    HealthReport,
+    Hello,
+    RequestFailed,
+    StepOutputs,
+    StepStats,
+    encode,
     from_engine_decoder,
 )
 from loom.sampling_params import SamplingParams

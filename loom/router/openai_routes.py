@@ -1,11 +1,316 @@
-"""The OpenAI-compatible API as TGI serves it: /v1/models (chat and completions routes follow)."""
+"""The OpenAI-compatible API as TGI serves it: /v1/chat/completions, /v1/completions, /v1/models, /chat_tokenize,
+and SageMaker's /invocations (router/src/server.rs, router/src/chat.rs, router/src/sagemaker.rs).
+
+Each request becomes one native `GenerateParameters` per prompt (TGI's fixed values included) and runs through the
+same validation, permits, generator and metrics as the native routes; only the JSON shapes differ.
+"""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
 
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from loom.router import tgi_routes
+from loom.router.app import BodyError, RouterState, parse_body
+from loom.router.chat import ChatTemplate
+from loom.router.errors import CustomError, IncompleteGenerationError, InferError, TemplateError, ToolError
+from loom.router.generation import GenerationResult, StreamItem, TokenInfo
+from loom.router.handlers import (
+    body_schema,
+    compute_type,
+    generate_text,
+    response_headers,
+    sse_response,
+    state_of,
+    stream_text,
+    tokens_with_offsets,
+    until_disconnected,
+)
+from loom.router.openai_schemas import ChatRequest, CompletionRequest, SagemakerRequest
+from loom.router.schemas import CompatGenerateRequest, GenerateParameters
+from loom.router.streams import compact, sse_data
+
+logger = logging.getLogger(__name__)
 router = APIRouter()
+DONE = sse_data("[DONE]")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Shared plumbing
+
+
+def _sampling(temperature: float | None) -> tuple[bool, float | None]:
+    """TGI: `temperature: 0` means greedy; anything else, absence included, samples."""
+    if temperature == 0.0:
+        return False, None
+    return True, temperature
+
+
+def _adapter(model: str | None) -> str | None:
+    return model if model is not None and model != "tgi" else None
+
+
+def _openai_error(err: InferError) -> bytes:
+    """TGI reports every error inside an OpenAI stream with status 422, whatever its kind."""
+    return sse_data(compact({"error": {"message": err.message, "http_status_code": 422}}))
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def _openai_finish(reason: str) -> str:
+    return "stop" if reason == "eos_token" else reason
+
+
+def _logprob_entry(token: TokenInfo, top: list[TokenInfo] | None) -> dict:
+    tops = [{"token": t.text, "logprob": t.as_dict()["logprob"]} for t in top or []]
+    return {"token": token.text, "logprob": token.as_dict()["logprob"], "top_logprobs": tops}
+
+
+def _logprobs(tokens: list[TokenInfo], top_tokens: list[list[TokenInfo]]) -> dict:
+    return {"content": [_logprob_entry(t, top_tokens[i] if i < len(top_tokens) else None)
+                        for i, t in enumerate(tokens)]}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# /v1/chat/completions
+
+
+async def chat_to_generate(state: RouterState, template: ChatTemplate,
+                           chat: ChatRequest) -> tuple[str, GenerateParameters]:
+    """TGI's `ChatRequest::try_into_generate`: template the messages and fill the native parameters."""
+    if chat.response_format is not None and chat.tools is not None:
+        raise ToolError("Grammar and tools are mutually exclusive")
+    if chat.tools and chat.tool_choice != "none":  # tool_choice "none" means plain chat: tools ignored entirely
+        raise ToolError("tools are not supported by Loom yet")
+    try:
+        prompt = await asyncio.to_thread(template.apply, chat.messages)
+    except TemplateError:
+        state.metrics.request_failure.labels("template").inc()
+        raise
+    do_sample, temperature = _sampling(chat.temperature)
+    params = GenerateParameters(
+        adapter_id=_adapter(chat.model), temperature=temperature,
+        repetition_penalty=None if chat.presence_penalty is None else chat.presence_penalty + 2.0,
+        frequency_penalty=chat.frequency_penalty, top_p=chat.top_p, do_sample=do_sample,
+        max_new_tokens=chat.max_tokens, stop=chat.stop or [], details=True, decoder_input_details=False,
+        seed=chat.seed, top_n_tokens=chat.top_logprobs,
+        grammar=chat.response_format,  # validation rejects grammars until structured output lands
+    )
+    return prompt, params
+
+
+def _chat_envelope(obj: str, model: str, fingerprint: str) -> dict:
+    return {"object": obj, "id": "", "created": int(time.time()), "model": model, "system_fingerprint": fingerprint}
+
+
+def chat_chunk(model: str, fingerprint: str, item: StreamItem, logprobs: bool) -> dict:
+    content = "" if item.token.special else item.token.text
+    choice = {
+        "index": 0, "delta": {"role": "assistant", "content": content},
+        "logprobs": {"content": [_logprob_entry(item.token, item.top_tokens)]} if logprobs else None,
+        "finish_reason": _openai_finish(item.result.finish_reason) if item.result is not None else None,
+    }
+    return {**_chat_envelope("chat.completion.chunk", model, fingerprint), "choices": [choice], "usage": None}
+
+
+async def _chat_events(state: RouterState, chat: ChatRequest, prompt: str, params: GenerateParameters,
+                       model: str) -> AsyncIterator[bytes]:
+    fingerprint = state.system_fingerprint
+    include_usage = chat.stream_options is not None and chat.stream_options.include_usage
+    try:
+        async with aclosing(stream_text(state, prompt, params, add_special_tokens=False)) as items:
+            async for item in items:
+                yield sse_data(compact(chat_chunk(model, fingerprint, item, bool(chat.logprobs))))
+                if include_usage and item.result is not None:
+                    usage = _usage(item.result.input_length, item.result.generated_tokens)
+                    yield sse_data(compact({**_chat_envelope("chat.completion.chunk", model, fingerprint),
+                                            "choices": [], "usage": usage}))
+    except InferError as err:
+        yield _openai_error(err)
+    yield DONE
+
+
+async def _chat(request: Request, state: RouterState, chat: ChatRequest) -> Response:
+    state.metrics.request_count.inc()
+    prompt, params = await chat_to_generate(state, state.chat_template, chat)  # template and tool errors: JSON, with status
+    model = chat.model if chat.model is not None else state.config.model_id
+    if chat.stream:
+        return sse_response(_chat_events(state, chat, prompt, params, model), len(prompt))
+    result = await until_disconnected(request, state, generate_text(state, prompt, params, add_special_tokens=False))
+    choice = {
+        "index": 0, "message": {"role": "assistant", "content": result.generated_text},
+        "logprobs": _logprobs(result.tokens, result.top_tokens) if chat.logprobs else None,
+        "finish_reason": _openai_finish(result.finish_reason),
+    }
+    body = {**_chat_envelope("chat.completion", model, state.system_fingerprint), "choices": [choice],
+            "usage": _usage(result.input_length, result.generated_tokens)}
+    return JSONResponse(body, headers=response_headers([result], len(prompt)))
+
+
+@router.post("/v1/chat/completions", openapi_extra=body_schema(ChatRequest), tags=["OpenAI"])
+async def chat_completions(request: Request) -> Response:
+    chat = await parse_body(request, ChatRequest)
+    return await _chat(request, state_of(request), chat)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# /v1/completions
+
+
+def _completion_params(req: CompletionRequest) -> GenerateParameters:
+    do_sample, temperature = _sampling(req.temperature)
+    return GenerateParameters(
+        adapter_id=_adapter(req.model), temperature=temperature, repetition_penalty=req.repetition_penalty,
+        frequency_penalty=req.frequency_penalty, top_p=req.top_p, do_sample=do_sample,
+        max_new_tokens=req.max_tokens, stop=req.stop or [], details=True, decoder_input_details=not req.stream,
+        seed=req.seed,
+    )
+
+
+def completion_event(model: str, fingerprint: str, index: int, item: StreamItem) -> dict:
+    """A token of prompt `index`: a chunk with `finish_reason: ""`, or the prompt's final event with its raw
+    finish reason (`eos_token` is not mapped here) and its own usage."""
+    created = int(time.time())
+    r = item.result
+    choice = {"index": index, "text": item.token.text, "logprobs": None,
+              "finish_reason": r.finish_reason if r is not None else ""}
+    if r is None:
+        return {"object": "text_completion", "id": "", "created": created, "choices": [choice], "model": model,
+                "system_fingerprint": fingerprint}
+    return {"object": "text_completion", "id": "", "created": created, "model": model,
+            "system_fingerprint": fingerprint, "choices": [choice],
+            "usage": _usage(r.input_length, r.generated_tokens)}
+
+
+async def _completion_events(state: RouterState, prompts: list[str],
+                             params: GenerateParameters) -> AsyncIterator[bytes]:
+    """Every prompt streams from its own task into one queue, so events interleave as tokens arrive; one
+    `[DONE]` ends the stream. Closing this generator cancels the tasks, which aborts their requests."""
+    model, fingerprint = state.config.model_id, state.system_fingerprint
+    queue: asyncio.Queue[bytes | None] = asyncio.Queue()  # None: one prompt finished
+
+    async def run(index: int, prompt: str) -> None:
+        try:
+            async with aclosing(stream_text(state, prompt, params, add_special_tokens=True)) as items:
+                async for item in items:
+                    queue.put_nowait(sse_data(compact(completion_event(model, fingerprint, index, item))))
+        except InferError as err:
+            queue.put_nowait(_openai_error(err))
+        except Exception:  # a bug: report it and keep the other prompts streaming
+            logger.exception("completion stream for prompt %d failed", index)
+            queue.put_nowait(_openai_error(IncompleteGenerationError()))
+        finally:
+            queue.put_nowait(None)
+
+    tasks = [asyncio.ensure_future(run(i, p)) for i, p in enumerate(prompts)]
+    try:
+        running = len(tasks)
+        while running:
+            event = await queue.get()
+            if event is None:
+                running -= 1
+            else:
+                yield event
+        yield DONE
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+_SUMMED_HEADERS = ("x-compute-characters", "x-total-time", "x-validation-time", "x-queue-time", "x-inference-time",
+                   "x-time-per-token", "x-prompt-tokens", "x-generated-tokens")
+
+
+async def _completions_json(state: RouterState, prompts: list[str], params: GenerateParameters) -> Response:
+    """All prompts run concurrently; choices are listed in completion order and the first error fails the whole
+    request (the others are aborted), as in TGI."""
+
+    async def one(index: int, prompt: str) -> tuple[int, str, GenerationResult]:
+        return index, prompt, await generate_text(state, prompt, params, add_special_tokens=True)
+
+    tasks = [asyncio.ensure_future(one(i, p)) for i, p in enumerate(prompts)]
+    done: list[tuple[int, str, GenerationResult]] = []
+    try:
+        for next_done in asyncio.as_completed(tasks):
+            done.append(await next_done)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    choices = [
+        {"index": i, "text": r.generated_text, "logprobs": None, "finish_reason": _openai_finish(r.finish_reason)}
+        for i, _, r in done
+    ]
+    usage = _usage(sum(r.input_length for _, _, r in done), sum(r.generated_tokens for _, _, r in done))
+    body = {"object": "text_completion", "id": "", "created": int(time.time()), "model": state.config.model_id,
+            "system_fingerprint": state.system_fingerprint, "choices": choices, "usage": usage}
+    per_prompt = [response_headers([r], len(p)) for _, p, r in done]
+    headers = {"x-compute-type": compute_type()}
+    headers.update({k: str(sum(int(h[k]) for h in per_prompt)) for k in _SUMMED_HEADERS})
+    return JSONResponse(body, headers=headers)
+
+
+async def _completions(request: Request, state: RouterState, req: CompletionRequest) -> Response:
+    state.metrics.request_count.inc()
+    if req.suffix is not None:
+        state.metrics.request_failure.labels("validation").inc()
+        raise CustomError(422, "suffix not supported",
+                          "Suffix is not supported and can be achieved by preprocessing the prompt.")
+    limit = state.config.max_client_batch_size
+    if len(req.prompt) > limit:
+        state.metrics.request_failure.labels("validation").inc()
+        raise CustomError(422, "batch size exceeded",
+                          f"Number of prompts exceeds the maximum allowed batch size of {limit}")
+    params = _completion_params(req)
+    if req.stream:
+        return sse_response(_completion_events(state, req.prompt, params), sum(len(p) for p in req.prompt))
+    return await until_disconnected(request, state, _completions_json(state, req.prompt, params))
+
+
+@router.post("/v1/completions", openapi_extra=body_schema(CompletionRequest), tags=["OpenAI"])
+async def completions(request: Request) -> Response:
+    return await _completions(request, state_of(request), await parse_body(request, CompletionRequest))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# /chat_tokenize, /invocations, /v1/models
+
+
+@router.post("/chat_tokenize", openapi_extra=body_schema(ChatRequest), tags=["Text Generation Inference"])
+async def chat_tokenize(request: Request) -> Response:
+    state = state_of(request)
+    chat = await parse_body(request, ChatRequest)
+    state.metrics.request_count.inc()
+    prompt, _ = await chat_to_generate(state, state.chat_template, chat)
+    tokens = await asyncio.to_thread(tokens_with_offsets, state.tokenizer, prompt, add_special_tokens=False)
+    return JSONResponse({"tokenize_response": tokens, "templated_text": prompt})
+
+
+@router.post("/invocations", openapi_extra=body_schema(SagemakerRequest), tags=["Text Generation Inference"])
+async def invocations(request: Request) -> Response:
+    """SageMaker: `inputs` → POST / (compat), `messages` → chat, `prompt` → completions."""
+    try:
+        body = (await parse_body(request, SagemakerRequest)).root
+    except BodyError as err:
+        if err.status != 422:
+            raise
+        raise BodyError(422, "Failed to deserialize the JSON body into the target type: "
+                             "data did not match any variant of untagged enum SagemakerRequest") from err
+    if isinstance(body, CompatGenerateRequest):
+        return await tgi_routes.compat_generate(request)  # re-reads the cached body
+    if isinstance(body, ChatRequest):
+        return await _chat(request, state_of(request), body)
+    return await _completions(request, state_of(request), body)
 
 
 @router.get("/v1/models", tags=["OpenAI"])

@@ -5,7 +5,7 @@ Unknown fields are ignored, as in TGI (no `deny_unknown_fields`). Response model
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -18,25 +18,25 @@ class GrammarType(BaseModel):
 class GenerateParameters(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    adapter_id: Optional[str] = None
-    best_of: Optional[int] = Field(default=None, ge=0)
-    temperature: Optional[float] = None
-    repetition_penalty: Optional[float] = None
-    frequency_penalty: Optional[float] = None
-    top_k: Optional[int] = None
-    top_p: Optional[float] = None
-    typical_p: Optional[float] = None
+    adapter_id: str | None = None
+    best_of: int | None = Field(default=None, ge=0)
+    temperature: float | None = None
+    repetition_penalty: float | None = None
+    frequency_penalty: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    typical_p: float | None = None
     do_sample: bool = False
-    max_new_tokens: Optional[int] = Field(default=None, ge=0, lt=2**32)
-    return_full_text: Optional[bool] = None
+    max_new_tokens: int | None = Field(default=None, ge=0, lt=2**32)
+    return_full_text: bool | None = None
     stop: list[str] = Field(default_factory=list)
-    truncate: Optional[int] = Field(default=None, ge=0)
+    truncate: int | None = Field(default=None, ge=0)
     watermark: bool = False
     details: bool = False
     decoder_input_details: bool = False
-    seed: Optional[int] = Field(default=None, ge=0, lt=2**64)
-    top_n_tokens: Optional[int] = Field(default=None, ge=0, lt=2**32)
-    grammar: Optional[GrammarType] = None
+    seed: int | None = Field(default=None, ge=0, lt=2**64)
+    top_n_tokens: int | None = Field(default=None, ge=0, lt=2**32)
+    grammar: GrammarType | None = None
 
 
 def default_parameters() -> GenerateParameters:
@@ -58,51 +58,51 @@ class CompatGenerateRequest(GenerateRequest):
 class Token(BaseModel):
     id: int
     text: str
-    logprob: Optional[float]
+    logprob: float | None
     special: bool
 
 
 class PrefillToken(BaseModel):
     id: int
     text: str
-    logprob: Optional[float]
+    logprob: float | None
 
 
 class BestOfSequence(BaseModel):
     generated_text: str
     finish_reason: str
     generated_tokens: int
-    seed: Optional[int]
+    seed: int | None
     prefill: list[PrefillToken]
     tokens: list[Token]
-    top_tokens: Optional[list[list[Token]]] = None
+    top_tokens: list[list[Token]] | None = None
 
 
 class Details(BaseModel):
     finish_reason: str
     generated_tokens: int
-    seed: Optional[int]
+    seed: int | None
     prefill: list[PrefillToken]
     tokens: list[Token]
-    best_of_sequences: Optional[list[BestOfSequence]] = None
-    top_tokens: Optional[list[list[Token]]] = None
+    best_of_sequences: list[BestOfSequence] | None = None
+    top_tokens: list[list[Token]] | None = None
 
 
 class GenerateResponse(BaseModel):
     generated_text: str
-    details: Optional[Details] = None
+    details: Details | None = None
 
 
 class StreamDetails(BaseModel):
     finish_reason: str
     generated_tokens: int
-    seed: Optional[int]
+    seed: int | None
     input_length: int
 
 
 class StreamResponse(BaseModel):
     index: int
     token: Token
-    top_tokens: Optional[list[Token]] = None
-    generated_text: Optional[str] = None
-    details: Optional[StreamDetails] = None
+    top_tokens: list[Token] | None = None
+    generated_text: str | None = None
+    details: StreamDetails | None = None

@@ -3,73 +3,38 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections.abc import AsyncIterator
-from contextlib import aclosing
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from loom import __version__
 from loom.router.app import RouterState, parse_body
-from loom.router.errors import InferError, UnavailableError, ValidationError
+from loom.router.errors import InferError, ValidationError
 from loom.router.generation import GenerationResult, StreamItem, Timings
+from loom.router.handlers import (
+    body_schema,
+    generate_many,
+    response_headers,
+    sse_response,
+    state_of,
+    stream_items,
+    tokens_with_offsets,
+    until_disconnected,
+    validated,
+)
 from loom.router.schemas import CompatGenerateRequest, GenerateRequest
-from loom.router.streams import SSE_HEADERS, compact, sse_data, with_keepalive
-from loom.router.validation import ValidatedRequest, validate
+from loom.router.streams import compact, sse_data
 
 router = APIRouter()
 HEALTH_TIMEOUT_SECONDS = 10.0
-DISCONNECT_POLL_SECONDS = 0.5
-
-
-def _state(request: Request) -> RouterState:
-    return request.app.state.loom
-
-
-def compute_type() -> str:
-    return os.environ.get("COMPUTE_TYPE", "cpu")
-
-
-def _schema(model) -> dict:
-    return {"requestBody": {"content": {"application/json": {"schema": model.model_json_schema()}}, "required": True}}
-
-
-async def _validated(state: RouterState, body: GenerateRequest, stream: bool, full_text_default: bool = False):
-    state.metrics.request_count.inc()
-    if state.draining:
-        raise UnavailableError("Server is shutting down")
-    try:
-        vreq = await validate(body.inputs, body.parameters, state.tokenizer, state.limits, stream=stream,
-                              return_full_text_default=full_text_default)
-    except ValidationError:
-        state.metrics.request_failure.labels("validation").inc()
-        raise
-    state.metrics.input_length.observe(vreq.input_length)
-    state.metrics.max_new_tokens.observe(vreq.params.max_new_tokens or 0)
-    return vreq
-
-
-def _record_success(state: RouterState, result: GenerationResult) -> None:
-    m, t = state.metrics, result.timings
-    m.request_success.inc()
-    m.request_duration.observe(t.total)
-    m.validation_duration.observe(t.validation)
-    m.queue_duration.observe(t.queue)
-    m.inference_duration.observe(t.inference)
-    m.time_per_token.observe(t.inference / max(result.generated_tokens, 1))
-    m.generated_tokens.observe(result.generated_tokens)
-
-
-def _failure_label(err: InferError) -> str:
-    return {"validation": "validation", "overloaded": "overloaded", "generation": "generation"}.get(
-        err.error_type, "incomplete")
+TAGS = ["Text Generation Inference"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# /generate
+# /generate and POST / (non-stream)
 
 
 def details_dict(result: GenerationResult, best_of_sequences: list[dict] | None = None) -> dict:
@@ -87,92 +52,32 @@ def details_dict(result: GenerationResult, best_of_sequences: list[dict] | None 
     return d
 
 
-def _best_of_sequence(result: GenerationResult) -> dict:
-    seq = {k: v for k, v in details_dict(result).items()}
-    return {"generated_text": result.generated_text, **seq}
-
-
-def response_headers(results: list[GenerationResult], inputs: str) -> dict[str, str]:
-    t = results[0].timings
-    tokens = sum(r.generated_tokens for r in results)
-    ms = lambda s: str(int(s * 1000))  # noqa: E731
-    return {
-        "x-compute-type": compute_type(),
-        "x-compute-time": f"{t.total}",
-        "x-compute-characters": str(len(inputs)),
-        "x-total-time": ms(t.total),
-        "x-validation-time": ms(t.validation),
-        "x-queue-time": ms(t.queue),
-        "x-inference-time": ms(t.inference),
-        "x-time-per-token": ms(t.inference / max(tokens, 1)),
-        "x-prompt-tokens": str(sum(r.input_length for r in results)),
-        "x-generated-tokens": str(tokens),
-    }
-
-
-async def run_generate(state: RouterState, vreq: ValidatedRequest, timings: Timings) -> tuple[dict, GenerationResult]:
-    """Generate (best_of copies when asked) and shape TGI's GenerateResponse."""
-    if vreq.best_of > 1:
-        if vreq.best_of > state.limits.max_best_of:
-            raise ValidationError(
-                f"`best_of` must be > 0 and <= {state.limits.max_best_of}. Given: {vreq.best_of}")
-        with state.permit(vreq.best_of):
-            results = await asyncio.gather(*(state.generator.generate(vreq, Timings(timings.start, timings.validated))
-                                             for _ in range(vreq.best_of)))
-        best = max(results, key=lambda r: r.mean_logprob)
-        others = [_best_of_sequence(r) for r in results if r is not best]
-    else:
-        with state.permit():
-            best = await state.generator.generate(vreq, timings)
-        others = None
-    body: dict = {"generated_text": best.generated_text}
-    if vreq.details:
-        body["details"] = details_dict(best, others)
-    return body, best
-
-
-async def _generate_json(state: RouterState, body: GenerateRequest, full_text_default: bool) -> tuple[dict, dict]:
+async def generate_json(state: RouterState, body: GenerateRequest, full_text_default: bool) -> tuple[dict, dict]:
+    """Validate, generate (`best_of` copies when asked, the best by mean logprob wins) and shape the response."""
     timings = Timings()
-    try:
-        vreq = await _validated(state, body, stream=False, full_text_default=full_text_default)
-        timings.validated = time.monotonic()
-        response, result = await run_generate(state, vreq, timings)
-    except InferError as err:
-        if err.error_type != "validation" and err.error_type != "overloaded":
-            state.metrics.request_failure.labels(_failure_label(err)).inc()
-        raise
-    _record_success(state, result)
-    return response, response_headers([result], body.inputs)
+    vreq = await validated(state, body.inputs, body.parameters, stream=False, full_text_default=full_text_default)
+    timings.validated = time.monotonic()
+    if vreq.best_of > state.limits.max_best_of:
+        raise ValidationError(f"`best_of` must be > 0 and <= {state.limits.max_best_of}. Given: {vreq.best_of}")
+    results = await generate_many(state, vreq, timings, vreq.best_of)
+    best = max(results, key=lambda r: r.mean_logprob)
+    response: dict = {"generated_text": best.generated_text}
+    if vreq.details:
+        others = [{"generated_text": r.generated_text, **details_dict(r)} for r in results if r is not best]
+        response["details"] = details_dict(best, others)
+    return response, response_headers([best], len(body.inputs))
 
 
-async def until_disconnected(request: Request, state: RouterState, work):
-    """Await `work`, cancelling it if the client disconnects first (its engine requests are then aborted and
-    their KV blocks freed). Uvicorn does not cancel non-streaming handlers by itself."""
-    task = asyncio.ensure_future(work)
-    try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_SECONDS)
-            if done:
-                return task.result()
-            if await request.is_disconnected():
-                task.cancel()
-                state.metrics.request_failure.labels("dropped").inc()
-                raise asyncio.CancelledError("client disconnected")
-    finally:
-        if not task.done():
-            task.cancel()
-
-
-@router.post("/generate", openapi_extra=_schema(GenerateRequest), tags=["Text Generation Inference"])
+@router.post("/generate", openapi_extra=body_schema(GenerateRequest), tags=TAGS)
 async def generate(request: Request) -> Response:
-    state = _state(request)
+    state = state_of(request)
     body = await parse_body(request, GenerateRequest)
-    response, headers = await until_disconnected(request, state, _generate_json(state, body, False))
+    response, headers = await until_disconnected(request, state, generate_json(state, body, False))
     return JSONResponse(response, headers=headers)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# /generate_stream
+# /generate_stream and POST / (stream)
 
 
 def stream_event(index: int, item: StreamItem, details: bool) -> dict:
@@ -193,47 +98,33 @@ async def native_stream(state: RouterState, body: GenerateRequest, full_text_def
     """TGI streams every error inside the event stream (status 200, headers already sent)."""
     timings = Timings()
     try:
-        vreq = await _validated(state, body, stream=True, full_text_default=full_text_default)
+        vreq = await validated(state, body.inputs, body.parameters, stream=True, full_text_default=full_text_default)
         timings.validated = time.monotonic()
-        with state.permit():
-            async with aclosing(state.generator.stream(vreq, timings)) as items:
-                index = 0
-                async for item in items:
-                    index += 1
-                    yield sse_data(compact(stream_event(index, item, vreq.details)))
-                    if item.result is not None:
-                        _record_success(state, item.result)
+        index = 0
+        async for item in stream_items(state, vreq, timings):
+            index += 1
+            yield sse_data(compact(stream_event(index, item, vreq.details)))
     except InferError as err:
-        if err.error_type not in ("validation", "overloaded"):
-            state.metrics.request_failure.labels(_failure_label(err)).inc()
         yield sse_data(compact(err.body()))
-    except (GeneratorExit, asyncio.CancelledError):
-        state.metrics.request_failure.labels("dropped").inc()  # client went away; the engine aborts it
-        raise
 
 
-def sse_response(events: AsyncIterator[bytes], inputs: str) -> StreamingResponse:
-    headers = {**SSE_HEADERS, "x-compute-type": compute_type(), "x-compute-characters": str(len(inputs))}
-    return StreamingResponse(with_keepalive(events), media_type="text/event-stream", headers=headers)
-
-
-@router.post("/generate_stream", openapi_extra=_schema(GenerateRequest), tags=["Text Generation Inference"])
+@router.post("/generate_stream", openapi_extra=body_schema(GenerateRequest), tags=TAGS)
 async def generate_stream(request: Request) -> Response:
-    state = _state(request)
+    state = state_of(request)
     body = await parse_body(request, GenerateRequest)
-    return sse_response(native_stream(state, body, full_text_default=False), body.inputs)
+    return sse_response(native_stream(state, body, full_text_default=False), len(body.inputs))
 
 
-@router.post("/", openapi_extra=_schema(CompatGenerateRequest), tags=["Text Generation Inference"])
+@router.post("/", openapi_extra=body_schema(CompatGenerateRequest), tags=TAGS)
 async def compat_generate(request: Request) -> Response:
     """The `text-generation` and `huggingface_hub` clients post here. Non-stream answers are a JSON array."""
-    state = _state(request)
+    state = state_of(request)
     body = await parse_body(request, CompatGenerateRequest)
     # TGI: return_full_text defaults to true here when the hub pipeline tag is text-generation or unknown
     full_text = state.config.model_pipeline_tag in (None, "text-generation")
     if body.stream:
-        return sse_response(native_stream(state, body, full_text_default=full_text), body.inputs)
-    response, headers = await until_disconnected(request, state, _generate_json(state, body, full_text))
+        return sse_response(native_stream(state, body, full_text_default=full_text), len(body.inputs))
+    response, headers = await until_disconnected(request, state, generate_json(state, body, full_text))
     return JSONResponse([response], headers=headers)
 
 
@@ -241,32 +132,15 @@ async def compat_generate(request: Request) -> Response:
 # /tokenize, /info, /health, /ping, /metrics
 
 
-@router.post("/tokenize", openapi_extra=_schema(GenerateRequest), tags=["Text Generation Inference"])
+@router.post("/tokenize", openapi_extra=body_schema(GenerateRequest), tags=TAGS)
 async def tokenize(request: Request) -> Response:
-    state = _state(request)
+    state = state_of(request)
     body = await parse_body(request, GenerateRequest)
     if not body.inputs:
         raise ValidationError("`inputs` cannot be empty")
-    enc = await asyncio.to_thread(state.tokenizer, body.inputs, return_offsets_mapping=True)
-    ids, offsets = enc["input_ids"], enc["offset_mapping"]
-    truncate = body.parameters.truncate
-    if truncate:
-        ids, offsets = ids[-truncate:], offsets[-truncate:]
-    data = body.inputs.encode()
-    byte_at = _char_to_byte_offsets(body.inputs)
-    out = []
-    for tid, (start, stop) in zip(ids, offsets):
-        b0, b1 = byte_at[start], byte_at[stop]
-        out.append({"id": tid, "text": data[b0:b1].decode(errors="replace"), "start": b0, "stop": b1})
-    return JSONResponse(out)
-
-
-def _char_to_byte_offsets(text: str) -> list[int]:
-    offsets, pos = [0], 0
-    for ch in text:
-        pos += len(ch.encode())
-        offsets.append(pos)
-    return offsets
+    tokens = await asyncio.to_thread(
+        tokens_with_offsets, state.tokenizer, body.inputs, truncate=body.parameters.truncate)
+    return JSONResponse(tokens)
 
 
 def info_dict(state: RouterState) -> dict:
@@ -281,28 +155,30 @@ def info_dict(state: RouterState) -> dict:
     }
 
 
-@router.get("/info", tags=["Text Generation Inference"])
+@router.get("/info", tags=TAGS)
 async def info(request: Request) -> JSONResponse:
-    return JSONResponse(info_dict(_state(request)))
+    return JSONResponse(info_dict(state_of(request)))
 
 
-async def _health(request: Request) -> Response:
-    state = _state(request)
+async def health(request: Request) -> Response:
+    """A real check: the engine answers between steps (and, after a failure, runs a one-token generation; when
+    idle it checks its KV-cache integrity)."""
+    state = state_of(request)
     unhealthy = JSONResponse({"error": "unhealthy", "error_type": "healthcheck"}, status_code=503)
     if state.draining:
         return unhealthy
     try:
         report = await state.engine.health(HEALTH_TIMEOUT_SECONDS)
-    except (asyncio.TimeoutError, OSError):
+    except (TimeoutError, OSError):
         return unhealthy
     return Response(status_code=200) if report.ok else unhealthy
 
 
-router.add_api_route("/health", _health, methods=["GET"], tags=["Text Generation Inference"])
-router.add_api_route("/ping", _health, methods=["GET"], tags=["Text Generation Inference"])
-router.add_api_route("/", _health, methods=["GET"], tags=["Text Generation Inference"], name="health_root")
+router.add_api_route("/health", health, methods=["GET"], tags=TAGS)
+router.add_api_route("/ping", health, methods=["GET"], tags=TAGS)
+router.add_api_route("/", health, methods=["GET"], tags=TAGS, name="health_root")
 
 
-@router.get("/metrics", tags=["Text Generation Inference"])
+@router.get("/metrics", tags=TAGS)
 async def metrics(request: Request) -> Response:
-    return Response(generate_latest(_state(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(generate_latest(state_of(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -93,7 +93,7 @@ async def validate(
     try:
         # Tokenizing is CPU work: off the event loop, like TGI's validation workers.
         ids = await asyncio.to_thread(tokenizer.encode, inputs, add_special_tokens=add_special_tokens)
-    except Exception as err:  # noqa: BLE001 — any tokenizer failure is the input's problem
+    except Exception as err:
         raise ValidationError(f"tokenizer error {err}") from err
     if p.truncate is not None:
         ids = ids[-p.truncate :]  # TGI keeps the last `truncate` tokens

@@ -150,3 +150,14 @@ def test_payload_limit(make_client):
     c = make_client(payload_limit=100)
     r = c.post("/generate", json={"inputs": "x" * 200})
     assert r.status_code == 413
+
+
+def test_cors_and_openapi(make_client):
+    c = make_client(cors_allow_origin=("https://app.example",))
+    r = c.options("/generate", headers={"Origin": "https://app.example", "Access-Control-Request-Method": "POST"})
+    assert r.headers["access-control-allow-origin"] == "https://app.example"
+    r = c.options("/generate", headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"})
+    assert "access-control-allow-origin" not in r.headers
+    spec = c.get("/api-doc/openapi.json").json()
+    assert "/generate" in spec["paths"] and "/generate_stream" in spec["paths"]
+    assert c.get("/docs").status_code == 200

@@ -11,8 +11,8 @@ carry; freeing appends to the tail. So unreferenced cached blocks are evicted in
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Hashable
 from dataclasses import dataclass
-from typing import Hashable
 
 BlockKey = Hashable  # the KV manager uses a digest of (parent block's key, this block's token ids)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 from array import array
 from collections import Counter
-from typing import Sequence
+from collections.abc import Sequence
 
 from loom.engine.kv.block_pool import BlockPool, KVBlock
 
