@@ -32,6 +32,34 @@ def resolve_dtype(name: str | torch.dtype, hf_config: dict[str, Any]) -> torch.d
     return _DTYPES[name]
 
 
+# Older families name the same geometry differently; the engine reads the Llama names.
+_ALIASES = {
+    "num_hidden_layers": ("n_layer", "num_layers"),
+    "num_attention_heads": ("n_head",),
+    "hidden_size": ("n_embd", "d_model"),
+    "max_position_embeddings": ("n_positions", "max_seq_len"),
+}
+
+
+def normalise_hf_config(hf: dict[str, Any]) -> dict[str, Any]:
+    """A copy of config.json with the Llama names filled in from aliases (GPT-2's n_layer, ...) and the KV head
+    count made explicit (Falcon's multi_query / num_kv_heads)."""
+    out = dict(hf)
+    for name, aliases in _ALIASES.items():
+        if name not in out:
+            for alias in aliases:
+                if alias in out:
+                    out[name] = out[alias]
+                    break
+    if "num_key_value_heads" not in out:
+        if out.get("model_type") == "falcon":
+            if out.get("new_decoder_architecture"):
+                out["num_key_value_heads"] = out.get("num_kv_heads") or out["num_attention_heads"]
+            elif out.get("multi_query", True):
+                out["num_key_value_heads"] = 1
+    return out
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """The model directory and what the engine needs to know about it."""
@@ -48,7 +76,7 @@ class ModelConfig:
         cfg_file = path / "config.json"
         if not cfg_file.is_file():
             raise FileNotFoundError(f"No config.json in model directory {path}")
-        hf_config = json.loads(cfg_file.read_text())
+        hf_config = normalise_hf_config(json.loads(cfg_file.read_text()))
         archs = hf_config.get("architectures") or []
         if not archs:
             raise ValueError(f"{cfg_file} has no `architectures` entry; cannot pick a model implementation")

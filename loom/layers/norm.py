@@ -1,22 +1,58 @@
-"""RMSNorm computed in float32, as transformers does, so parity holds in every dtype."""
+"""Normalisation layers computed the way transformers computes them, so parity holds in every dtype."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from loom.layers.linear import ReplicatedLinear
 
 
+def _replicated(*shape: int) -> nn.Parameter:
+    param = nn.Parameter(torch.empty(*shape), requires_grad=False)
+    param.weight_loader = ReplicatedLinear._load_full
+    return param
+
+
 class RMSNorm(nn.Module):
+    """Llama-style: normalise in float32, cast back, then scale by `weight`."""
+
     def __init__(self, hidden: int, eps: float):
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.empty(hidden), requires_grad=False)
-        self.weight.weight_loader = ReplicatedLinear._load_full
+        self.weight = _replicated(hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(dtype)
+
+
+class GemmaRMSNorm(nn.Module):
+    """Gemma-style: the scale is `1 + weight`, applied in float32 before the cast back."""
+
+    def __init__(self, hidden: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = _replicated(hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (x32 * (1.0 + self.weight.float())).to(x.dtype)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with optional bias, whose parameters load like every other replicated weight."""
+
+    def __init__(self, hidden: int, eps: float, bias: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.hidden = hidden
+        self.weight = _replicated(hidden)
+        self.bias = _replicated(hidden) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, (self.hidden,), self.weight, self.bias, self.eps)

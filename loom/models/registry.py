@@ -1,17 +1,36 @@
-"""Maps the HF `architectures` string of a checkpoint to the class that implements it."""
+"""Maps the HF `architectures` string of a checkpoint to the class that implements it.
+
+Entries name a module and a class and are imported on first use, so one family's import cost or optional
+dependency never affects another.
+"""
 
 from __future__ import annotations
 
+import importlib
+
 from torch import nn
 
-from loom.models import llama
-
-_REGISTRY: dict[str, type[nn.Module]] = {
-    "LlamaForCausalLM": llama.LlamaForCausalLM,
-    "MistralForCausalLM": llama.MistralForCausalLM,
-    "Qwen2ForCausalLM": llama.Qwen2ForCausalLM,
-    "Qwen3ForCausalLM": llama.Qwen3ForCausalLM,
+_REGISTRY: dict[str, tuple[str, str]] = {
+    "LlamaForCausalLM": ("loom.models.llama", "LlamaForCausalLM"),
+    "MistralForCausalLM": ("loom.models.llama", "MistralForCausalLM"),
+    "Qwen2ForCausalLM": ("loom.models.llama", "Qwen2ForCausalLM"),
+    "Qwen3ForCausalLM": ("loom.models.llama", "Qwen3ForCausalLM"),
+    "Phi3ForCausalLM": ("loom.models.phi3", "Phi3ForCausalLM"),
+    "Starcoder2ForCausalLM": ("loom.models.starcoder2", "Starcoder2ForCausalLM"),
+    "GPT2LMHeadModel": ("loom.models.gpt2", "GPT2LMHeadModel"),
+    "GPTNeoXForCausalLM": ("loom.models.gpt_neox", "GPTNeoXForCausalLM"),
+    "FalconForCausalLM": ("loom.models.falcon", "FalconForCausalLM"),
+    "Gemma2ForCausalLM": ("loom.models.gemma2", "Gemma2ForCausalLM"),
+    "Gemma3ForCausalLM": ("loom.models.gemma3", "Gemma3ForCausalLM"),
+    "Olmo2ForCausalLM": ("loom.models.olmo2", "Olmo2ForCausalLM"),
+    "MixtralForCausalLM": ("loom.models.mixtral", "MixtralForCausalLM"),
+    "Qwen2MoeForCausalLM": ("loom.models.qwen2_moe", "Qwen2MoeForCausalLM"),
+    "Qwen3MoeForCausalLM": ("loom.models.qwen3_moe", "Qwen3MoeForCausalLM"),
 }
+
+
+def register(architecture: str, module: str, class_name: str) -> None:
+    _REGISTRY[architecture] = (module, class_name)
 
 
 def supported_architectures() -> list[str]:
@@ -19,9 +38,10 @@ def supported_architectures() -> list[str]:
 
 
 def resolve_model_class(architecture: str) -> type[nn.Module]:
-    cls = _REGISTRY.get(architecture)
-    if cls is None:
+    entry = _REGISTRY.get(architecture)
+    if entry is None:
         raise ValueError(
             f"Unsupported model architecture {architecture!r}. Supported: {', '.join(supported_architectures())}"
         )
-    return cls
+    module, class_name = entry
+    return getattr(importlib.import_module(module), class_name)

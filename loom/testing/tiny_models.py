@@ -49,6 +49,14 @@ def save_gpt2_tokenizer(out_dir: str | Path) -> int:
     return int(fast.convert_tokens_to_ids("<|im_end|>"))
 
 
+def copy_tokenizer(src: str | Path, out: Path) -> int:
+    """Copy a tokenizer made by `save_gpt2_tokenizer`; returns the `<|im_end|>` id (the EOS)."""
+    for name in TOKENIZER_FILES:
+        if (Path(src) / name).is_file():
+            shutil.copy(Path(src) / name, out / name)
+    return _token_id(out, "<|im_end|>")
+
+
 def _token_id(tokenizer_dir: Path, token: str) -> int:
     added = json.loads((tokenizer_dir / "tokenizer.json").read_text())["added_tokens"]
     return next(int(t["id"]) for t in added if t["content"] == token)
@@ -85,10 +93,7 @@ def make_tiny_checkpoint(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if tokenizer_from is not None:
-        for name in TOKENIZER_FILES:
-            if (Path(tokenizer_from) / name).is_file():
-                shutil.copy(Path(tokenizer_from) / name, out / name)
-        eos_id = _token_id(out, "<|im_end|>")
+        eos_id = copy_tokenizer(tokenizer_from, out)
     else:
         eos_id = save_gpt2_tokenizer(out)
     config = _config(arch, eos_id, overrides)

@@ -129,3 +129,24 @@ def test_api_key_and_payload_limit(launch):
     r = requests.post(f"{s.url}/generate", json={"inputs": "x" * 5000}, headers={"Authorization": "Bearer s3cret"})
     assert r.status_code == 413
     assert json.loads(requests.get(f"{s.url}/info").text)["max_total_tokens"] == 512
+
+
+def test_openai_client_chat_and_completions(server):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{server.url}/v1", api_key="unused")
+    messages = [{"role": "user", "content": "Say something"}]
+    chat = client.chat.completions.create(model="tgi", messages=messages, max_tokens=8, temperature=0)
+    templated = requests.post(f"{server.url}/chat_tokenize", json={"messages": messages}).json()["templated_text"]
+    native = requests.post(f"{server.url}/generate", json={"inputs": templated, "parameters": {
+        "max_new_tokens": 8}}).json()
+    assert chat.choices[0].message.content == native["generated_text"]
+    assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens <= 8
+    chunks = list(client.chat.completions.create(model="tgi", messages=messages, max_tokens=8, temperature=0,
+                                                 stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == chat.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason in ("length", "stop")
+    completion = client.completions.create(model="tgi", prompt="Hello world", max_tokens=6, temperature=0)
+    offline = requests.post(f"{server.url}/generate", json={"inputs": "Hello world", "parameters": {
+        "max_new_tokens": 6}}).json()
+    assert completion.choices[0].text == offline["generated_text"]

@@ -54,3 +54,16 @@ def test_killing_the_engine_takes_the_server_down(launch):
         time.sleep(0.1)
     assert not _alive(router)
     assert _port_free(server.port)
+
+
+def test_unreachable_hub_model_is_a_clear_error(tmp_path):
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "loom.cli", "launch", "--model-id", "no-such-org/no-such-model", "--port", "0"],
+        capture_output=True, text=True, timeout=120, env=env,
+    )
+    assert proc.returncode != 0
+    assert "could not get model 'no-such-org/no-such-model'" in proc.stderr
+    assert "local model directory" in proc.stderr

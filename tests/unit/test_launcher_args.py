@@ -1,0 +1,57 @@
+"""Launcher flags: TGI's names and defaults, environment variables, refusals."""
+
+from __future__ import annotations
+
+import pytest
+
+from loom.launcher_args import build_parser, resolve
+
+
+def test_tgi_defaults():
+    args = resolve([], environ={})
+    assert args["port"] == 3000 and args["hostname"] == "0.0.0.0"
+    assert args["max_concurrent_requests"] == 128 and args["max_best_of"] == 2
+    assert args["max_stop_sequences"] == 4 and args["max_top_n_tokens"] == 5
+    assert args["max_client_batch_size"] == 4 and args["payload_limit"] == 2_000_000
+    assert args["waiting_served_ratio"] == 0.3 and args["max_waiting_tokens"] == 20
+    assert args["graceful_termination_timeout"] == 90 and args["prometheus_port"] == 9000
+    assert args["model_id"] is None and args["json_output"] is False
+
+
+def test_environment_variables_and_command_line_precedence():
+    env = {"MAX_BATCH_SIZE": "7", "PORT": "8080", "JSON_OUTPUT": "true", "API_KEY": "k",
+           "CORS_ALLOW_ORIGIN": "https://a.example", "MODEL_ID": "/models/x"}
+    args = resolve([], environ=env)
+    assert args["max_batch_size"] == 7 and args["port"] == 8080 and args["json_output"] is True
+    assert args["api_key"] == "k" and args["cors_allow_origin"] == ["https://a.example"]
+    assert args["model_id"] == "/models/x"
+    assert resolve(["--port", "9999"], environ=env)["port"] == 9999
+
+
+def test_legacy_max_input_length():
+    assert resolve(["--max-input-length", "100"], environ={})["max_input_tokens"] == 100
+    with pytest.raises(SystemExit, match="not both"):
+        resolve(["--max-input-length", "100", "--max-input-tokens", "100"], environ={})
+    with pytest.raises(SystemExit, match="`max_input_tokens` must be < `max_total_tokens`"):
+        resolve(["--max-input-tokens", "100", "--max-total-tokens", "100"], environ={})
+
+
+@pytest.mark.parametrize("argv, env, message", [
+    (["--quantize", "awq"], {}, "--quantize is not supported by Loom: weight quantization"),
+    ([], {"QUANTIZE": "gptq"}, "--quantize is not supported"),
+    (["--speculate", "2"], {}, "--speculate is not supported"),
+    (["--trust-remote-code"], {}, "remote code is never executed"),
+    (["--num-shard", "2"], {}, "tensor parallelism"),
+    (["--lora-adapters", "a"], {}, "LoRA"),
+])
+def test_unsupported_flags_are_refused(argv, env, message):
+    with pytest.raises(SystemExit, match=message):
+        resolve(argv, environ=env)
+
+
+def test_hostname_quirk_and_help():
+    # HOSTNAME is the machine name in most environments: TGI falls back to 0.0.0.0 when it is not an address
+    assert resolve([], environ={"HOSTNAME": "my-box"})["hostname"] == "0.0.0.0"
+    assert resolve(["--hostname", "127.0.0.1"], environ={})["hostname"] == "127.0.0.1"
+    text = build_parser().format_help()
+    assert "--max-batch-prefill-tokens" in text and "[env: MAX_BATCH_PREFILL_TOKENS]" in text
