@@ -10,6 +10,7 @@ USAGE = """usage: loom <command> [options]
 
 commands:
   launch     serve a model with TGI's HTTP API (same flags as text-generation-launcher); `loom launch --help`
+  bench      load-test a TGI/OpenAI-compatible server (TTFT, TPOT, throughput); `loom bench --help`
   engine     (internal) run the engine process of a launched server
   router     (internal) run the HTTP router process of a launched server
 """
@@ -25,6 +26,10 @@ def main(argv: list[str] | None = None) -> int:
         from loom.launcher import launch
 
         return launch(rest)
+    if command == "bench":
+        from loom.bench.cli import main as bench_main
+
+        return bench_main(rest)
     if command in ("engine", "router"):
         ap = argparse.ArgumentParser(prog=f"loom {command}")
         ap.add_argument("--config", required=True, help="run config written by the launcher")

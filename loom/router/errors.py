@@ -51,6 +51,13 @@ class IncompleteGenerationError(InferError):
         super().__init__("Incomplete generation")
 
 
+class IncompleteGenerationStreamError(InferError):
+    status, error_type = 500, "incomplete_generation_stream"
+
+    def __init__(self) -> None:
+        super().__init__("Incomplete generation stream")
+
+
 class TemplateError(InferError):
     status, error_type, prefix = 422, "template_error", "Template error: "
 

@@ -172,7 +172,7 @@ def _completion_params(req: CompletionRequest) -> GenerateParameters:
         adapter_id=_adapter(req.model), temperature=temperature, repetition_penalty=req.repetition_penalty,
         frequency_penalty=req.frequency_penalty, top_p=req.top_p, do_sample=do_sample,
         max_new_tokens=req.max_tokens, stop=req.stop or [], details=True, decoder_input_details=not req.stream,
-        seed=req.seed,
+        seed=req.seed, ignore_eos=req.ignore_eos,
     )
 
 

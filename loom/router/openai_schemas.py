@@ -67,6 +67,7 @@ class CompletionRequest(BaseModel):
     repetition_penalty: float | None = None
     frequency_penalty: float | None = None
     stop: list[str] | None = None
+    ignore_eos: bool = False  # Loom extension, as in vLLM (benchmarks): keep generating past EOS
 
 
 class SagemakerRequest(RootModel):

@@ -37,6 +37,7 @@ class GenerateParameters(BaseModel):
     seed: int | None = Field(default=None, ge=0, lt=2**64)
     top_n_tokens: int | None = Field(default=None, ge=0, lt=2**32)
     grammar: GrammarType | None = None
+    ignore_eos: bool = False  # Loom extension (benchmarks): keep generating past EOS; TGI ignores the field
 
 
 def default_parameters() -> GenerateParameters:

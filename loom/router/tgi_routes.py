@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 
@@ -12,7 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from loom import __version__
 from loom.router.app import RouterState, parse_body
-from loom.router.errors import InferError, ValidationError
+from loom.router.errors import IncompleteGenerationStreamError, InferError, ValidationError
 from loom.router.generation import GenerationResult, StreamItem, Timings
 from loom.router.handlers import (
     body_schema,
@@ -28,6 +29,7 @@ from loom.router.handlers import (
 from loom.router.schemas import CompatGenerateRequest, GenerateRequest
 from loom.router.streams import compact, sse_data
 
+logger = logging.getLogger(__name__)
 router = APIRouter()
 HEALTH_TIMEOUT_SECONDS = 10.0
 TAGS = ["Text Generation Inference"]
@@ -106,6 +108,10 @@ async def native_stream(state: RouterState, body: GenerateRequest, full_text_def
             yield sse_data(compact(stream_event(index, item, vreq.details)))
     except InferError as err:
         yield sse_data(compact(err.body()))
+    except Exception:  # a bug: tell the client inside the stream rather than cutting the connection
+        logger.exception("stream failed")
+        state.metrics.request_failure.labels("incomplete").inc()
+        yield sse_data(compact(IncompleteGenerationStreamError().body()))
 
 
 @router.post("/generate_stream", openapi_extra=body_schema(GenerateRequest), tags=TAGS)

@@ -1,0 +1,1 @@
+"""`loom bench`: a load generator for TGI- and OpenAI-compatible servers."""

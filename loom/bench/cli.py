@@ -1,0 +1,96 @@
+"""`loom bench`: load a TGI- or OpenAI-compatible server and report TTFT, TPOT, ITL, end-to-end latency and
+throughput; optionally against a second server in the same invocation, alternating, with ratios."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import urllib.request
+
+from loom.bench.prompts import dataset_prompts, random_prompts
+from loom.bench.report import plot, print_ratios, print_table, write_json
+from loom.bench.runner import LoadSpec, run_load
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="loom bench", description=__doc__)
+    ap.add_argument("--url", default="http://127.0.0.1:3000", help="server to load (default: a local Loom)")
+    ap.add_argument("--compare", help="a second server to run the same load against, alternating")
+    ap.add_argument("--api", choices=["openai", "tgi"], default="openai",
+                    help="openai: streaming /v1/completions; tgi: /generate_stream")
+    ap.add_argument("--model", default=None, help="`model` field for OpenAI servers (default: from /v1/models)")
+    ap.add_argument("--tokenizer", help="tokenizer directory or hub id for exact prompt lengths "
+                                        "(default: the model directory /info reports, if local)")
+    ap.add_argument("--concurrency", type=int, nargs="+", help="closed-loop client counts (a sweep if several)")
+    ap.add_argument("--request-rate", type=float, nargs="+", help="open-loop Poisson arrival rates (req/s)")
+    ap.add_argument("--num-prompts", type=int, help="requests per load level (default: 4 × concurrency, min 8)")
+    ap.add_argument("--prompt-tokens", type=int, default=256)
+    ap.add_argument("--output-tokens", type=int, default=128)
+    ap.add_argument("--shared-prefix-tokens", type=int, default=0, help="tokens every prompt starts with")
+    ap.add_argument("--dataset", help="prompts file: one per line, or JSONL with a `prompt` field")
+    ap.add_argument("--no-ignore-eos", action="store_true", help="let generations stop at EOS")
+    ap.add_argument("--warmup", type=int, default=1, help="requests sent before measuring")
+    ap.add_argument("--api-key")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", help="write the results to this file")
+    ap.add_argument("--plot", help="write a latency-vs-throughput PNG to this file")
+    ap.add_argument("--no-progress", action="store_true")
+    return ap
+
+
+def _get_json(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=30) as resp:  # noqa: S310 — user-given benchmark target
+        return json.loads(resp.read())
+
+
+def _tokenizer(args, url: str):
+    from transformers import AutoTokenizer
+
+    name = args.tokenizer
+    if name is None:
+        name = _get_json(f"{url}/info")["model_id"]
+        from loom.demo import DEMO_MODEL_ID, ensure_demo_model
+
+        if name == DEMO_MODEL_ID:
+            name = str(ensure_demo_model())
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except Exception as err:  # noqa: BLE001
+        raise SystemExit(f"could not load tokenizer {name!r} ({err}); pass --tokenizer DIR") from err
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not args.concurrency and not args.request_rate:
+        args.concurrency = [1]
+    urls = [args.url.rstrip("/")] + ([args.compare.rstrip("/")] if args.compare else [])
+    tokenizer = _tokenizer(args, urls[0])
+    models = [args.model or (_get_json(f"{u}/v1/models")["data"][0]["id"] if args.api == "openai" else "")
+              for u in urls]
+    levels = [("c", c) for c in args.concurrency or []] + [("r", r) for r in args.request_rate or []]
+    results: list[list[dict]] = [[] for _ in urls]
+    for i, (kind, value) in enumerate(levels):
+        n = args.num_prompts or (max(4 * value, 8) if kind == "c" else 32)
+        if args.dataset:
+            prompts = dataset_prompts(args.dataset, tokenizer, n, args.prompt_tokens, args.seed + i)
+        else:
+            prompts = random_prompts(tokenizer, n, args.prompt_tokens, args.shared_prefix_tokens, args.seed + i)
+        for k, url in enumerate(urls):  # alternate servers at each level so drift affects both alike
+            spec = LoadSpec(url, args.api, models[k], args.output_tokens, not args.no_ignore_eos,
+                            concurrency=value if kind == "c" else None,
+                            request_rate=value if kind == "r" else None, api_key=args.api_key, seed=args.seed)
+            if args.warmup:
+                warm = LoadSpec(url, args.api, models[k], 4, True, concurrency=1, api_key=args.api_key)
+                asyncio.run(run_load(warm, prompts[: args.warmup], show_progress=False))
+            results[k].append(asyncio.run(run_load(spec, prompts, not args.no_progress)).summary())
+    flat = [s for runs in results for s in runs]
+    print_table(flat)
+    if args.compare:
+        print_ratios(results[0], results[1])
+    if args.json:
+        write_json(args.json, flat, {"prompt_tokens": args.prompt_tokens, "output_tokens": args.output_tokens,
+                                     "shared_prefix_tokens": args.shared_prefix_tokens, "api": args.api})
+    if args.plot:
+        plot(args.plot, {f"{i}: {u}": runs for i, (u, runs) in enumerate(zip(urls, results))})
+    return 0
