@@ -161,3 +161,26 @@ def test_cors_and_openapi(make_client):
     spec = c.get("/api-doc/openapi.json").json()
     assert "/generate" in spec["paths"] and "/generate_stream" in spec["paths"]
     assert c.get("/docs").status_code == 200
+
+
+def test_decoder_input_details_and_truncate(make_client):
+    c = make_client(enable_prefill_logprobs=True)
+    r = c.post("/generate", json={"inputs": "Hello big world", "parameters": {
+        "max_new_tokens": 2, "decoder_input_details": True}})
+    d = r.json()["details"]  # decoder_input_details implies details
+    prefill = d["prefill"]
+    assert [p["text"] for p in prefill] == ["Hello", " big", " world"]
+    assert prefill[0]["logprob"] is None and all(p["logprob"] < 0 for p in prefill[1:])
+    assert list(prefill[0]) == ["id", "text", "logprob"]
+    r = c.post("/generate_stream", json={"inputs": "Hello big world", "parameters": {
+        "max_new_tokens": 2, "truncate": 2, "details": True}})
+    last = json.loads(sse_events(r.text)[-1][5:])
+    assert last["details"]["input_length"] == 2
+    r = c.post("/generate_stream", json={"inputs": "Hi", "parameters": {"decoder_input_details": True}})
+    assert "`decoder_input_details` == true is not supported when streaming tokens" in r.text
+
+
+def test_prefill_logprobs_are_off_unless_enabled(client):
+    r = client.post("/generate", json={"inputs": "Hello big world", "parameters": {
+        "max_new_tokens": 2, "decoder_input_details": True}})
+    assert r.json()["details"]["prefill"] == []
