@@ -61,21 +61,17 @@ def run_engine(config: dict) -> int:
 def run_router(config: dict) -> int:
     import logging
 
-    import uvicorn
-
     from loom.logs import setup_logging
     from loom.router.app import create_app
     from loom.router.config import RouterConfig
+    from loom.router.server import serve
 
     setup_logging(config["json_output"])
     rc = config["router"]
     router_config = RouterConfig(**{**rc, "cors_allow_origin": tuple(rc["cors_allow_origin"])})
     app = create_app(router_config, config["endpoint"])
     _start_prometheus_listener(app, router_config.hostname, config["prometheus_port"])
-    uvicorn.run(
-        app, host=router_config.hostname, port=router_config.port, log_config=None,
-        timeout_graceful_shutdown=config["graceful_termination_timeout"], access_log=False,
-    )
+    serve(app, router_config.hostname, router_config.port, config["graceful_termination_timeout"])
     logging.getLogger("loom.router").info("router stopped")
     return 0
 

@@ -28,6 +28,7 @@ from loom.router.config import RouterConfig
 
 logger = logging.getLogger("loom.launcher")
 READY_POLL_SECONDS = 0.25
+SHUTDOWN_SLACK_SECONDS = 10
 
 
 def resolve_model(model_id: str | None, revision: str | None) -> tuple[str, Path]:
@@ -128,7 +129,7 @@ class Launcher:
         self.stopping = True
 
     def _shutdown(self) -> None:
-        """Router first (it finishes or ends in-flight responses), then the engine."""
+        """Router first (it drains: in-flight requests finish within the graceful timeout), then the engine."""
         timeout = self.args["graceful_termination_timeout"]
         for role in ("router", "engine"):
             proc = self.children.get(role)
@@ -136,7 +137,8 @@ class Launcher:
                 continue
             proc.send_signal(signal.SIGTERM)
             try:
-                proc.wait(timeout)
+                # the router may use the whole timeout to drain, plus a few seconds to close connections
+                proc.wait(timeout + SHUTDOWN_SLACK_SECONDS)
             except subprocess.TimeoutExpired:
                 logger.warning("%s did not exit within %ss; killing it", role, timeout)
                 proc.kill()

@@ -21,7 +21,7 @@ from loom import __version__
 from loom.router.chat import ChatTemplate
 from loom.router.config import RouterConfig
 from loom.router.engine_client import EngineClient
-from loom.router.errors import InferError, OverloadedError, infer_error_handler
+from loom.router.errors import InferError, OverloadedError, UnavailableError, infer_error_handler
 from loom.router.generation import Generator
 from loom.router.metrics import Metrics
 from loom.router.validation import Limits
@@ -70,6 +70,11 @@ class RouterState:
         finally:
             for _ in range(count):
                 self.permits.release()
+
+    @property
+    def in_flight(self) -> int:
+        """Requests holding a concurrency permit (generating or streaming)."""
+        return self.config.max_concurrent_requests - self.permits._value  # noqa: SLF001
 
     @property
     def system_fingerprint(self) -> str:
@@ -145,6 +150,9 @@ def create_app(config: RouterConfig, engine_endpoint: str, connect_timeout: floa
         if config.api_key and request.url.path in PROTECTED_PATHS and request.method == "POST":
             if request.headers.get("authorization", "").lower() != f"bearer {config.api_key}".lower():
                 return Response(status_code=401)
+        state = getattr(request.app.state, "loom", None)
+        if state is not None and state.draining and request.url.path in PROTECTED_PATHS and request.method == "POST":
+            return UnavailableError("Server is shutting down").response()
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > config.payload_limit:
             return PlainTextResponse("Failed to buffer the request body: length limit exceeded", status_code=413)

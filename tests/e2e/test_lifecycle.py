@@ -67,3 +67,39 @@ def test_unreachable_hub_model_is_a_clear_error(tmp_path):
     assert proc.returncode != 0
     assert "could not get model 'no-such-org/no-such-model'" in proc.stderr
     assert "local model directory" in proc.stderr
+
+
+def test_sigterm_drains_streams_in_flight(launch):
+    """Accepted streams run to completion, new requests get 503 meanwhile, the launcher exits 0."""
+    import json
+    import threading
+
+    import requests
+
+    server = launch("--graceful-termination-timeout", "60")
+    results: list[dict] = []
+    started = threading.Barrier(3)
+
+    def stream():
+        with requests.post(f"{server.url}/generate_stream", stream=True, timeout=120,
+                           json={"inputs": "Drain", "parameters": {"max_new_tokens": 300, "ignore_eos": True}}) as r:
+            lines = (ln for ln in r.iter_lines() if ln)
+            first = next(lines)
+            started.wait()
+            events = [json.loads(first[5:])] + [json.loads(ln[5:]) for ln in lines]
+            results.append(events[-1])
+
+    threads = [threading.Thread(target=stream) for _ in range(2)]
+    for t in threads:
+        t.start()
+    started.wait(timeout=60)
+    server.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    r = requests.post(f"{server.url}/generate", json={"inputs": "late", "parameters": {"max_new_tokens": 2}})
+    assert r.status_code == 503 and r.json()["error_type"] == "unavailable"
+    assert requests.get(f"{server.url}/health").status_code == 503
+    for t in threads:
+        t.join(timeout=120)
+    assert len(results) == 2
+    assert all(e["details"] is None and e["generated_text"] is not None for e in results)  # each ended normally
+    assert server.proc.wait(timeout=60) == 0
