@@ -16,6 +16,9 @@ class JsonFormatter(logging.Formatter):
             "target": record.name,
             "message": record.getMessage(),
         }
+        fields = getattr(record, "fields", None)  # structured values a log call passed as extra={"fields": ...}
+        if fields:
+            entry["fields"] = fields
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, ensure_ascii=False)

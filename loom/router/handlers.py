@@ -7,6 +7,7 @@ into their response shapes.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable
@@ -24,6 +25,7 @@ from loom.router.schemas import GenerateParameters
 from loom.router.streams import SSE_HEADERS, with_keepalive
 from loom.router.validation import ValidatedRequest, validate
 
+logger = logging.getLogger("loom.router.request")
 T = TypeVar("T")
 DISCONNECT_POLL_SECONDS = 0.5
 
@@ -69,6 +71,19 @@ def count_failure(state: RouterState, err: InferError) -> None:
 
 def record_success(state: RouterState, result: GenerationResult) -> None:
     m, t = state.metrics, result.timings
+    # One line per request with its timings and sizes; the prompt and output text only at debug level.
+    logger.info(
+        "request done: finish_reason=%s input_tokens=%d generated_tokens=%d validation_ms=%.1f queue_ms=%.1f "
+        "inference_ms=%.1f total_ms=%.1f time_per_token_ms=%.1f seed=%s",
+        result.finish_reason, result.input_length, result.generated_tokens, t.validation * 1e3, t.queue * 1e3,
+        t.inference * 1e3, t.total * 1e3, t.inference * 1e3 / max(result.generated_tokens, 1), result.seed,
+        extra={"fields": {
+            "finish_reason": result.finish_reason, "input_tokens": result.input_length,
+            "generated_tokens": result.generated_tokens, "validation_time": t.validation, "queue_time": t.queue,
+            "inference_time": t.inference, "total_time": t.total, "seed": result.seed,
+        }},
+    )
+    logger.debug("request text: %r", result.generated_text)
     m.request_success.inc()
     m.request_duration.observe(t.total)
     m.validation_duration.observe(t.validation)

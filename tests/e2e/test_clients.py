@@ -150,3 +150,20 @@ def test_openai_client_chat_and_completions(server):
     offline = requests.post(f"{server.url}/generate", json={"inputs": "Hello world", "parameters": {
         "max_new_tokens": 6}}).json()
     assert completion.choices[0].text == offline["generated_text"]
+
+
+def test_json_output_logs_one_object_per_line_with_request_timings(launch):
+    s = launch("--json-output")
+    r = requests.post(f"{s.url}/generate", json={"inputs": "secret prompt text", "parameters": {"max_new_tokens": 3}})
+    assert r.status_code == 200
+    deadline = time.monotonic() + 10
+    while "request done" not in s.logs() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    lines = [ln for ln in s.logs().splitlines() if ln.startswith("{")]
+    entries = [json.loads(ln) for ln in lines]  # every JSON-looking line parses
+    done = [e for e in entries if e["message"].startswith("request done")]
+    assert len(done) == 1
+    fields = done[0]["fields"]
+    assert fields["input_tokens"] == 3 and fields["generated_tokens"] <= 3
+    assert fields["total_time"] >= fields["inference_time"] >= 0 and fields["queue_time"] >= 0
+    assert "secret prompt text" not in s.logs()  # the prompt is logged only at debug level
