@@ -80,20 +80,34 @@ def _start_prometheus_listener(app, host: str, port: int) -> None:
     """TGI also serves the metrics on a separate port; a busy port only costs that listener (warned)."""
     import logging
     import threading
+    import time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    from prometheus_client import start_http_server
+    from prometheus_client import CONTENT_TYPE_LATEST
 
-    def start_when_ready() -> None:
-        import time
+    from loom.router.metrics import render
 
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 — http.server's naming
+            body = render(app.state.loom.metrics.registry)
+            self.send_response(200)
+            self.send_header("Content-Type", CONTENT_TYPE_LATEST)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    def serve_when_ready() -> None:
         while getattr(app.state, "loom", None) is None:
             time.sleep(0.1)
         try:
-            start_http_server(port, addr=host, registry=app.state.loom.metrics.registry)
+            ThreadingHTTPServer((host, port), Handler).serve_forever()
         except OSError as err:
             logging.getLogger("loom.router").warning("prometheus listener on port %d not started: %s", port, err)
 
-    threading.Thread(target=start_when_ready, name="prometheus", daemon=True).start()
+    threading.Thread(target=serve_when_ready, name="prometheus", daemon=True).start()
 
 
 if __name__ == "__main__":

@@ -2,9 +2,25 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import re
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 
 from loom.protocol.messages import StepOutputs
+
+
+disable_created_metrics()  # TGI exposes no `_created` series
+
+
+def render(registry: CollectorRegistry) -> bytes:
+    """Prometheus text with TGI's names: counters without prometheus_client's `_total` suffix (TGI's exporter
+    writes `tgi_request_count 3`, and dashboards query that name)."""
+    text = generate_latest(registry).decode()
+    counters = [f.name for f in registry.collect() if f.type == "counter"]
+    for name in counters:
+        text = re.sub(rf"^(# (?:HELP|TYPE) )?{re.escape(name)}_total(?=[{{ ])", rf"\g<1>{name}", text,
+                      flags=re.MULTILINE)
+    return text.encode()
 
 
 def _duration_buckets() -> list[float]:

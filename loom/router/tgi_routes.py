@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from loom import __version__
 from loom.router.app import RouterState, parse_body
@@ -26,6 +26,7 @@ from loom.router.handlers import (
     until_disconnected,
     validated,
 )
+from loom.router.metrics import render
 from loom.router.schemas import CompatGenerateRequest, GenerateRequest
 from loom.router.streams import compact, sse_data
 
@@ -187,4 +188,4 @@ router.add_api_route("/", health, methods=["GET"], tags=TAGS, name="health_root"
 
 @router.get("/metrics", tags=TAGS)
 async def metrics(request: Request) -> Response:
-    return Response(generate_latest(state_of(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(render(state_of(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -101,13 +101,13 @@ def _metric(server, name: str) -> float:
 
 
 def test_client_disconnect_aborts_and_frees_blocks(server):
-    dropped = _metric(server, 'tgi_request_failure_total{err="dropped"}')
+    dropped = _metric(server, 'tgi_request_failure{err="dropped"}')
     with requests.post(f"{server.url}/generate_stream", stream=True, timeout=60,
                        json={"inputs": "Bye", "parameters": {"max_new_tokens": 500}}) as r:
         lines = r.iter_lines()
         assert next(lines).startswith(b"data:")
     deadline = time.monotonic() + 30
-    while _metric(server, 'tgi_request_failure_total{err="dropped"}') <= dropped:
+    while _metric(server, 'tgi_request_failure{err="dropped"}') <= dropped:
         assert time.monotonic() < deadline, "disconnect was not noticed"
         time.sleep(0.2)
     while _metric(server, "tgi_batch_current_size") > 0 and time.monotonic() < deadline:

@@ -184,3 +184,18 @@ def test_prefill_logprobs_are_off_unless_enabled(client):
     r = client.post("/generate", json={"inputs": "Hello big world", "parameters": {
         "max_new_tokens": 2, "decoder_input_details": True}})
     assert r.json()["details"]["prefill"] == []
+
+
+def test_metrics_use_tgi_names(client):
+    client.post("/generate", json={"inputs": "Hello", "parameters": {"max_new_tokens": 2}})
+    client.post("/generate", json={"inputs": "Hello", "parameters": {"temperature": 0}})
+    text = client.get("/metrics").text
+    lines = text.splitlines()
+    assert "# TYPE tgi_request_count counter" in lines
+    assert any(ln.startswith("tgi_request_count ") for ln in lines)
+    assert any(ln.startswith('tgi_request_failure{err="validation"} ') for ln in lines)
+    names = {ln.split(" ")[0].split("{")[0] for ln in lines if not ln.startswith("#")}
+    assert not any(n.endswith("_total") or n.endswith("_created") for n in names)
+    for name in ("tgi_request_duration_bucket", "tgi_request_queue_duration_count", "tgi_batch_current_size",
+                 "tgi_queue_size", "tgi_request_input_length_bucket", 'tgi_batch_inference_count{method="'):
+        assert any(ln.startswith(name) for ln in lines), name

@@ -289,7 +289,7 @@ def test_missing_template(router_for, no_template_dir):
         assert r.status_code == 422 and r.json() == missing
     r = c.post("/v1/chat/completions", json={"messages": HELLO, "stream": True})
     assert r.status_code == 422 and r.json() == missing  # templating happens before the stream starts
-    assert 'tgi_request_failure_total{err="template"} 3.0' in c.get("/metrics").text
+    assert 'tgi_request_failure{err="template"} 3.0' in c.get("/metrics").text
     assert c.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 1}).status_code == 200
 
 
@@ -424,7 +424,7 @@ def _metric(client, name: str) -> float:
 ])
 def test_client_disconnect_aborts_every_request(client, path, body):
     engine = client.app.state.loom.engine
-    successes = _metric(client, "tgi_request_success_total")
+    successes = _metric(client, "tgi_request_success")
     with client.stream("POST", path, json={**body, "max_tokens": 400, "temperature": 0, "stream": True}) as r:
         first = next(line for line in r.iter_lines() if line.startswith("data:"))
     assert '"finish_reason":' in first
@@ -432,7 +432,7 @@ def test_client_disconnect_aborts_every_request(client, path, body):
     while engine.num_in_flight and time.monotonic() < deadline:
         time.sleep(0.01)
     assert engine.num_in_flight == 0
-    assert _metric(client, "tgi_request_success_total") == successes  # aborted, not run to 400 tokens
+    assert _metric(client, "tgi_request_success") == successes  # aborted, not run to 400 tokens
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -453,11 +453,11 @@ def test_invocations_dispatch(client):
 
 
 def test_request_count_and_docs(client):
-    before = _metric(client, "tgi_request_count_total")
+    before = _metric(client, "tgi_request_count")
     chat(client, max_tokens=1)
-    assert _metric(client, "tgi_request_count_total") - before == 2  # TGI counts the handler and the generate
+    assert _metric(client, "tgi_request_count") - before == 2  # TGI counts the handler and the generate
     client.post("/v1/completions", json={"prompt": ["a", "b"], "max_tokens": 1})
-    assert _metric(client, "tgi_request_count_total") - before == 5
+    assert _metric(client, "tgi_request_count") - before == 5
     spec = client.get("/api-doc/openapi.json").json()
     assert {"/v1/chat/completions", "/v1/completions", "/chat_tokenize", "/invocations"} <= set(spec["paths"])
 
