@@ -47,18 +47,25 @@ def launcher_main() -> int:
 
 
 def run_engine(config: dict) -> int:
+    from loom import tracing
     from loom.config import EngineConfig
     from loom.engine.core import EngineCore
     from loom.engine.server import serve
     from loom.logs import setup_logging
 
     setup_logging(config["json_output"])
+    name = config["otlp_service_name"]
+    tracing.setup(config["otlp_endpoint"], name.removesuffix(".router") + ".server")
     engine = EngineCore(config["model_dir"], config["dtype"], EngineConfig(**config["engine"]))
-    serve(engine, config["endpoint"])
+    try:
+        serve(engine, config["endpoint"])
+    finally:
+        tracing.shutdown()
     return 0
 
 
 def run_router(config: dict) -> int:
+    from loom import tracing
     import logging
 
     from loom.logs import setup_logging
@@ -67,11 +74,15 @@ def run_router(config: dict) -> int:
     from loom.router.server import serve
 
     setup_logging(config["json_output"])
+    tracing.setup(config["otlp_endpoint"], config["otlp_service_name"])
     rc = config["router"]
     router_config = RouterConfig(**{**rc, "cors_allow_origin": tuple(rc["cors_allow_origin"])})
     app = create_app(router_config, config["endpoint"])
     _start_prometheus_listener(app, router_config.hostname, config["prometheus_port"])
-    serve(app, router_config.hostname, router_config.port, config["graceful_termination_timeout"])
+    try:
+        serve(app, router_config.hostname, router_config.port, config["graceful_termination_timeout"])
+    finally:
+        tracing.shutdown()
     logging.getLogger("loom.router").info("router stopped")
     return 0
 

@@ -79,6 +79,7 @@ def build_run_config(args: dict[str, Any], model_id: str, model_dir: Path, run_d
         "model_dir": str(model_dir), "dtype": args["dtype"] or "auto", "endpoint": f"ipc://{run_dir}/engine",
         "engine": asdict(engine), "router": asdict(router), "prometheus_port": args["prometheus_port"],
         "graceful_termination_timeout": args["graceful_termination_timeout"], "json_output": bool(args["json_output"]),
+        "otlp_endpoint": args["otlp_endpoint"], "otlp_service_name": args["otlp_service_name"],
     }
 
 

@@ -60,6 +60,9 @@ SUPPORTED: list[tuple[str, Any, Any, str]] = [
     ("--master-port", int, 29500, "torch.distributed master port (tensor parallelism)"),
     ("--huggingface-hub-cache", str, None, "Hub cache directory (HF_HUB_CACHE)"),
     ("--usage-stats", str, "on", "Accepted for compatibility; Loom sends no telemetry"),
+    ("--otlp-endpoint", str, None, "OTLP/gRPC collector for traces, e.g. http://localhost:4317 (off when unset)"),
+    ("--otlp-service-name", str, "text-generation-inference.router", "service.name of the router's spans "
+                                                                     "(the engine's: the same with .server)"),
 ]
 
 # TGI flags Loom parses but refuses (with the reason) when set.
@@ -75,8 +78,6 @@ UNSUPPORTED: dict[str, str] = {
     "--watermark-delta": "watermarking is not implemented",
     "--cuda-graphs": "CUDA graphs are not implemented",
     "--cuda-memory-fraction": "CUDA memory fraction is not implemented",
-    "--otlp-endpoint": "OpenTelemetry export is not implemented yet",
-    "--otlp-service-name": "OpenTelemetry export is not implemented yet",
     "--ngrok": "ngrok tunnels are not supported",
     "--ngrok-authtoken": "ngrok tunnels are not supported",
     "--ngrok-edge": "ngrok tunnels are not supported",

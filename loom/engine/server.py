@@ -13,10 +13,11 @@ from __future__ import annotations
 import logging
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import zmq
 
+from loom import tracing
 from loom.engine.core import EngineCore
 from loom.protocol.messages import (
     AbortRequests,
@@ -51,6 +52,7 @@ class EngineServer:
     endpoint: str
     healthy: bool = True
     _stop: bool = False
+    _spans: dict = field(default_factory=dict)  # request id → its engine-side trace span (tracing on only)
 
     def run(self) -> None:
         ctx = zmq.Context.instance()
@@ -102,9 +104,15 @@ class EngineServer:
                 self.engine.add_request(msg.request_id, msg.prompt_token_ids, msg.params, msg.prompt_logprobs)
             except ValueError as err:
                 self._send(RequestFailed(msg.request_id, "validation", str(err)))
+                return
+            if tracing.enabled():
+                self._spans[msg.request_id] = tracing.start_span(
+                    "engine_request", msg.trace_carrier,
+                    attributes={"request_id": msg.request_id, "input_length": len(msg.prompt_token_ids)})
         elif isinstance(msg, AbortRequests):
             for rid in msg.request_ids:
                 self.engine.abort_request(rid)
+                tracing.end_span(self._spans.pop(rid, None), error="aborted")
         elif isinstance(msg, HealthCheck):
             self._send(self._health(msg.nonce))
 
@@ -122,6 +130,11 @@ class EngineServer:
         prefill = sched.stats.num_computed_prompt_tokens - computed_before
         stats = StepStats(len(sched.running), len(sched.waiting), prefill, len(outputs), elapsed, elapsed)
         self._send(StepOutputs(outputs, stats))
+        if self._spans:
+            for out in outputs:
+                if out.finished and out.request_id in self._spans:
+                    tracing.end_span(self._spans.pop(out.request_id), attributes={
+                        "finish_reason": out.finish_reason, "cached_tokens": out.num_cached_tokens})
 
     def _fail_running(self, message: str) -> None:
         self.healthy = False
@@ -129,6 +142,7 @@ class EngineServer:
         for request in list(sched.running) + list(sched.waiting):
             self.engine.abort_request(request.request_id)
             self._send(RequestFailed(request.request_id, "generation", message))
+            tracing.end_span(self._spans.pop(request.request_id, None), error=message)
 
     def _health(self, nonce: int) -> HealthReport:
         """Healthy engines answer at once; after a failure, a one-token generation must succeed first (TGI's

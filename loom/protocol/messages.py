@@ -24,6 +24,7 @@ class AddRequest(msgspec.Struct, tag=True, frozen=True):
     prompt_token_ids: list[int]
     params: SamplingParams
     prompt_logprobs: bool = False  # return the logprob of every prompt token (TGI's decoder_input_details)
+    trace_carrier: dict[str, str] | None = None  # W3C headers of the router's request span (tracing on)
 
 
 class AbortRequests(msgspec.Struct, tag=True, frozen=True):

@@ -17,7 +17,7 @@ from pydantic import BaseModel
 from pydantic import ValidationError as PydanticValidationError
 from transformers import PreTrainedTokenizerBase
 
-from loom import __version__
+from loom import __version__, tracing
 from loom.router.chat import ChatTemplate
 from loom.router.config import RouterConfig
 from loom.router.engine_client import EngineClient
@@ -153,6 +153,9 @@ def create_app(config: RouterConfig, engine_endpoint: str, connect_timeout: floa
         state = getattr(request.app.state, "loom", None)
         if state is not None and state.draining and request.url.path in PROTECTED_PATHS and request.method == "POST":
             return UnavailableError("Server is shutting down").response()
+        if tracing.enabled() and request.url.path in PROTECTED_PATHS:
+            carrier = {k: v for k in ("traceparent", "tracestate") if (v := request.headers.get(k))}
+            tracing.request_carrier.set({**carrier, "_path": request.url.path})
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > config.payload_limit:
             return PlainTextResponse("Failed to buffer the request body: length limit exceeded", status_code=413)

@@ -92,11 +92,12 @@ class EngineClient:
         return len(self._streams)
 
     def submit(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, prompt_logprobs: bool = False
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, prompt_logprobs: bool = False,
+        trace_carrier: dict[str, str] | None = None,
     ) -> RequestStream:
         stream = RequestStream(request_id)
         self._streams[request_id] = stream
-        self._push.send(encode(AddRequest(request_id, prompt_token_ids, params, prompt_logprobs)))
+        self._push.send(encode(AddRequest(request_id, prompt_token_ids, params, prompt_logprobs, trace_carrier)))
         return stream
 
     def abort(self, request_id: str) -> None:

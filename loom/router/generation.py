@@ -11,12 +11,14 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass, field
+from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
 from loom.router.engine_client import EngineClient, EngineError
 from loom.router.errors import GenerationError, IncompleteGenerationError, ValidationError
 from loom.router.validation import ValidatedRequest
+from loom import tracing
 from loom.tokenizer import IncrementalDetokenizer
 
 
@@ -31,12 +33,38 @@ class TokenInfo:
         return {"id": self.id, "text": self.text, "logprob": _json_float(self.logprob), "special": self.special}
 
 
+# TGI's span names for the routes that generate
+SPAN_NAMES = {"/generate": "generate", "/generate_stream": "generate_stream", "/": "compat_generate",
+              "/v1/chat/completions": "chat_completions", "/v1/completions": "completions",
+              "/invocations": "sagemaker_compatibility"}
+
+
 @dataclass
 class Timings:
     start: float = field(default_factory=time.monotonic)  # request arrived
     validated: float = 0.0
     first_token: float = 0.0
     end: float = 0.0
+    span: Any = None  # the request's trace span (tracing on only)
+
+    def __post_init__(self) -> None:
+        if tracing.enabled():
+            carrier = tracing.request_carrier.get() or {}
+            name = SPAN_NAMES.get(carrier.get("_path", ""), "generate")
+            self.span = tracing.start_span(name, carrier, self.start)
+
+    def finish_trace(self, attributes: dict[str, Any], error: str | None = None) -> None:
+        """Record validation, queue and inference as child spans and close the request span."""
+        if self.span is None:
+            return
+        end = self.end or time.monotonic()
+        if self.validated:
+            tracing.child_span(self.span, "validation", self.start, self.validated)
+            if self.first_token:
+                tracing.child_span(self.span, "queue", self.validated, self.first_token)
+                tracing.child_span(self.span, "inference", self.first_token, end)
+        tracing.end_span(self.span, end, attributes, error)
+        self.span = None
 
     @property
     def queue(self) -> float:
@@ -104,7 +132,8 @@ class Generator:
         early (client gone), the request is aborted in the engine and its KV blocks freed."""
         timings.validated = timings.validated or time.monotonic()
         prompt_logprobs = req.decoder_input_details and self.enable_prefill_logprobs
-        handle = self.engine.submit(uuid.uuid4().hex, req.prompt_token_ids, req.params, prompt_logprobs)
+        handle = self.engine.submit(uuid.uuid4().hex, req.prompt_token_ids, req.params, prompt_logprobs,
+                                    tracing.carrier_of(timings.span))
         detok = IncrementalDetokenizer.for_prompt(self.tokenizer, req.prompt_token_ids)
         tokens: list[TokenInfo] = []
         tops: list[list[TokenInfo]] = []

@@ -84,6 +84,12 @@ def record_success(state: RouterState, result: GenerationResult) -> None:
         }},
     )
     logger.debug("request text: %r", result.generated_text)
+    t.finish_trace({  # TGI's span fields
+        "total_time": t.total, "validation_time": t.validation, "queue_time": t.queue, "inference_time": t.inference,
+        "time_per_token": t.inference / max(result.generated_tokens, 1), "seed": result.seed,
+        "input_length": result.input_length, "generated_tokens": result.generated_tokens,
+        "finish_reason": result.finish_reason,
+    })
     m.request_success.inc()
     m.request_duration.observe(t.total)
     m.validation_duration.observe(t.validation)
@@ -103,6 +109,7 @@ async def generate_many(state: RouterState, vreq: ValidatedRequest, timings: Tim
             results = await asyncio.gather(*(state.generator.generate(vreq, t) for t in copies))
     except InferError as err:
         count_failure(state, err)
+        timings.finish_trace({}, error=err.message)
         raise
     for result in results:
         record_success(state, result)
@@ -121,9 +128,11 @@ async def stream_items(state: RouterState, vreq: ValidatedRequest, timings: Timi
                     yield item
     except InferError as err:
         count_failure(state, err)
+        timings.finish_trace({}, error=err.message)
         raise
     except (GeneratorExit, asyncio.CancelledError):
         state.metrics.request_failure.labels("dropped").inc()
+        timings.finish_trace({}, error="client disconnected")
         raise
 
 
