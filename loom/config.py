@@ -36,7 +36,7 @@ def resolve_dtype(name: str | torch.dtype, hf_config: dict[str, Any]) -> torch.d
 _ALIASES = {
     "num_hidden_layers": ("n_layer", "num_layers"),
     "num_attention_heads": ("n_head",),
-    "hidden_size": ("n_embd", "d_model"),
+    "hidden_size": ("n_embd", "n_embed", "d_model"),
     "max_position_embeddings": ("n_positions", "max_seq_len"),
 }
 

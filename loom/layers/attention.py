@@ -1,7 +1,8 @@
 """Attention over the paged KV cache (CPU/portable implementation on torch SDPA).
 
-Writes this step's keys/values into their slots, then attends: all single-token decodes together in one padded
-SDPA call, each prefill span on its own (a fresh prompt attends to its own K/V without touching the cache).
+Writes this step's keys/values into their slots, then attends: all single-token decodes together (on CPU with a
+small C++ kernel that reads the blocks in place, see kernels/paged_decode_cpu.py; elsewhere in one padded SDPA
+call), each prefill span on its own (a fresh prompt attends to its own K/V without touching the cache).
 Layers with logit soft-capping (Gemma 2) attend explicitly instead, since SDPA cannot cap the scores.
 """
 
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loom.layers.forward_context import AttentionMetadata, PrefillSpan, get_forward_context
+from loom.layers.kernels import paged_decode_cpu
 
 
 class Attention(nn.Module):
@@ -42,7 +44,12 @@ class Attention(nn.Module):
         return out
 
     def _decode(self, q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        assert meta.decode_slots is not None
+        if self.softcap is None and q.device.type == "cpu" and paged_decode_cpu.load() is not None:
+            # reads each cached key/value once, straight from the blocks (no gather, no cast copies)
+            return paged_decode_cpu.paged_decode(
+                q, cache[0], cache[1], meta.decode_block_tables, meta.decode_lens, meta.block_size, self.scale,
+                self.sliding_window,
+            )
         keys = cache[0][meta.decode_slots].transpose(1, 2)  # (Bd, Hkv, Lmax, D)
         values = cache[1][meta.decode_slots].transpose(1, 2)
         q = q.unsqueeze(2)  # (Bd, Hq, 1, D)

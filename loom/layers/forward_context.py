@@ -34,18 +34,31 @@ class AttentionMetadata:
 
     slot_mapping: torch.Tensor  # (T,) flat KV slot of each row's new key/value
     num_decodes: int
-    decode_slots: torch.Tensor | None  # (Bd, Lmax) slots each decode attends to, padded with slot 0
-    decode_lens: torch.Tensor | None  # (Bd,) context length (including the new token)
+    decode_block_tables: torch.Tensor | None  # (Bd, max_blocks) int32 block ids, padded with block 0
+    decode_lens: torch.Tensor | None  # (Bd,) int32 context length (including the new token)
     prefills: list[PrefillSpan]
+    block_size: int = 16
     _decode_masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
+    _decode_slots: torch.Tensor | None = None
+
+    @property
+    def decode_slots(self) -> torch.Tensor:
+        """(Bd, Lmax) slots each decode attends to, padded with slot 0 — only built for the gather path."""
+        if self._decode_slots is None:
+            assert self.decode_block_tables is not None and self.decode_lens is not None
+            bt = self.decode_block_tables.long()
+            offsets = torch.arange(self.block_size, device=bt.device)
+            slots = (bt.unsqueeze(2) * self.block_size + offsets).view(bt.shape[0], -1)
+            self._decode_slots = slots[:, : int(self.decode_lens.max())]
+        return self._decode_slots
 
     def decode_mask(self, window: int | None) -> torch.Tensor:
         """(Bd, 1, 1, Lmax) bool, True where a decode row may attend; shared by all layers of one kind."""
         mask = self._decode_masks.get(window)
         if mask is None:
-            assert self.decode_slots is not None and self.decode_lens is not None
-            keys = torch.arange(self.decode_slots.shape[1])
-            lens = self.decode_lens.unsqueeze(1)
+            assert self.decode_lens is not None
+            keys = torch.arange(self.decode_slots.shape[1], device=self.decode_lens.device)
+            lens = self.decode_lens.long().unsqueeze(1)
             mask = keys.unsqueeze(0) < lens
             if window is not None:
                 # the query sits at position len-1; transformers keeps keys with q - k < window

@@ -85,27 +85,27 @@ class FusedExperts(nn.Module):
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         """x: (T, H); topk_ids, topk_weights: (T, k) → (T, H) = Σ_k weight · expert(x), complete on every rank.
 
-        Tokens are grouped by expert (a stable sort of the T·k assignments) and each expert that received tokens
-        runs once on its rows; contributions are added per token in expert order, as transformers does.
+        The T·k (token, expert) assignments are grouped by expert with a stable sort; each expert that received
+        tokens runs once on its rows. As in transformers' default (grouped_mm) path, each weighted output is kept
+        in the product's dtype and a token's k outputs are summed together before the cast back to x's dtype.
         """
-        k = topk_ids.shape[1]
-        flat = topk_ids.reshape(-1)  # (T·k,) assignment a belongs to token a // k
+        T, k = topk_ids.shape
+        flat = topk_ids.reshape(-1)  # (T·k,): assignment a belongs to token a // k
         order = torch.argsort(flat, stable=True)
         counts = torch.bincount(flat, minlength=self.num_experts).tolist()
-        tokens = order // k
-        weights = topk_weights.reshape(-1)[order]
-        out = torch.zeros_like(x)
+        weights = topk_weights.reshape(-1)
+        weighted = x.new_empty(T * k, x.shape[1], dtype=torch.promote_types(x.dtype, weights.dtype))
         start = 0
         for expert, n in enumerate(counts):
             if n == 0:
                 continue
-            idx = tokens[start : start + n]
-            h = x.index_select(0, idx)  # (n, H)
+            rows = order[start : start + n]  # assignments routed to this expert
+            h = x.index_select(0, rows // k)  # (n, H)
             gate, up = F.linear(h, self.gate_up_proj[expert]).chunk(2, dim=-1)
             h = F.linear(self.act(gate) * up, self.down_proj[expert])  # (n, H), partial over the TP ranks
-            h = h * weights[start : start + n, None]
-            out.index_add_(0, idx, h.to(out.dtype))
+            weighted.index_copy_(0, rows, h * weights.index_select(0, rows).unsqueeze(-1))
             start += n
+        out = weighted.view(T, k, x.shape[1]).sum(dim=1).to(x.dtype)  # (T, H)
         return self.tp.all_reduce(out)
 
 

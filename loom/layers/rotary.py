@@ -1,8 +1,14 @@
-"""Rotary position embeddings (neox-style rotate-half, as transformers' Llama) with HF's rope scaling types."""
+"""Rotary position embeddings (neox-style rotate-half, as transformers' Llama) with HF's rope scaling types.
+
+LongRoPE (Phi-3 / Phi-3.5 / Phi-4-mini) picks its factors per position: see `_longrope_tables` for why this
+differs from transformers once a sequence grows past `original_max_position_embeddings`.
+"""
 
 from __future__ import annotations
 
+import json
 import math
+import weakref
 from typing import Any
 
 import torch
@@ -16,7 +22,25 @@ def rope_parameters(hf_config: dict[str, Any]) -> dict[str, Any]:
         params = dict(hf_config.get("rope_scaling") or {})
         params.setdefault("rope_theta", hf_config.get("rope_theta", 10000.0))
     params["rope_type"] = params.get("rope_type") or params.get("type") or "default"
+    if params["rope_type"] == "longrope":
+        _resolve_longrope(hf_config, params)
     return params
+
+
+def _resolve_longrope(hf_config: dict[str, Any], params: dict[str, Any]) -> None:
+    """Fill in what transformers derives for LongRoPE: the pretraining length and the context-extension factor."""
+    # NOTE: like transformers' `standardize_rope_params`, a top-level `original_max_position_embeddings` (Phi-3
+    # writes one) takes priority over the one inside the rope parameters.
+    if hf_config.get("original_max_position_embeddings") is not None:
+        params["original_max_position_embeddings"] = hf_config["original_max_position_embeddings"]
+    params.setdefault("original_max_position_embeddings", hf_config.get("max_position_embeddings"))
+    missing = [k for k in ("short_factor", "long_factor", "original_max_position_embeddings") if params.get(k) is None]
+    if missing:
+        raise ValueError(f"longrope rope scaling needs {', '.join(missing)} in the model config")
+    if params.get("factor") is None:
+        # transformers: the ratio of the extended to the pretraining context sets the default attention factor
+        max_pos = hf_config.get("max_position_embeddings") or params["original_max_position_embeddings"]
+        params["factor"] = float(max_pos) / float(params["original_max_position_embeddings"])
 
 
 def _llama3_inv_freq(inv_freq: torch.Tensor, p: dict[str, Any]) -> torch.Tensor:
@@ -31,7 +55,55 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, p: dict[str, Any]) -> torch.Tensor:
     return torch.where(medium, smoothed, scaled)
 
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+def _longrope_attention_factor(p: dict[str, Any]) -> float:
+    if p.get("attention_factor") is not None:
+        return float(p["attention_factor"])
+    factor, old_len = float(p["factor"]), float(p["original_max_position_embeddings"])
+    return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(old_len))
+
+
+def _longrope_tables(base: float, rotary_dim: int, max_positions: int, p: dict[str, Any]) -> torch.Tensor:
+    """(max_positions, rotary_dim/2) rotation angles: short factors below the pretraining length, long from there.
+
+    NOTE: transformers picks one factor set for *all* positions from the current length of the sequence
+    (`max(position_ids) + 1 > original_max_position_embeddings` → long), and Phi-3's `generate` drops its KV cache
+    and recomputes every position with the long factors when a sequence first crosses that length. A paged,
+    prefix-shared, chunk-prefilled cache cannot do that: a cached block must mean the same thing in every sequence
+    that reuses it and under every chunking. So, like TGI, the factors are a function of the position alone:
+
+        positions [0 ........ original_max) | [original_max ........ max_positions)
+                   short_factor               long_factor
+
+    Sequences of up to `original_max_position_embeddings` tokens (prompt + generated) match transformers exactly.
+    A longer sequence matches transformers' cached forward fed its first `original_max` tokens and then the rest;
+    transformers' single forward over it (or `generate`, which recomputes at the crossing) would use the long
+    factors at every position instead. Matching that would need the engine to recompute a sequence's KV when it
+    crosses the length and to keep such blocks out of the prefix cache of shorter sequences.
+    """
+    old_len = int(p["original_max_position_embeddings"])
+    shape = torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim
+    parts = []
+    for name, lo, hi in (("short_factor", 0, min(old_len, max_positions)), ("long_factor", old_len, max_positions)):
+        if hi <= lo:
+            continue
+        factors = torch.tensor(p[name], dtype=torch.float32)
+        if factors.numel() != rotary_dim // 2:
+            raise ValueError(f"longrope {name} has {factors.numel()} entries; the rotary dimension needs {rotary_dim // 2}")
+        inv_freq = 1.0 / (factors * base**shape)  # written as transformers writes it, for identical rounding
+        parts.append(torch.outer(torch.arange(lo, hi, dtype=torch.float32), inv_freq))
+    return torch.cat(parts)
+
+
+def _inv_freq(base: float, rotary_dim: int, params: dict[str, Any]) -> torch.Tensor:
+    inv_freq = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim))
+    if params["rope_type"] == "linear":
+        inv_freq = inv_freq / float(params["factor"])
+    elif params["rope_type"] == "llama3":
+        inv_freq = _llama3_inv_freq(inv_freq, params)
+    return inv_freq
+
+
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 
 
 class RotaryEmbedding(nn.Module):
@@ -48,16 +120,32 @@ class RotaryEmbedding(nn.Module):
             raise ValueError(f"Unsupported rope scaling type {rope_type!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
         self.head_dim, self.rotary_dim = head_dim, rotary_dim
         base = float(params["rope_theta"])
-        inv_freq = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim))
-        if rope_type == "linear":
-            inv_freq = inv_freq / float(params["factor"])
-        elif rope_type == "llama3":
-            inv_freq = _llama3_inv_freq(inv_freq, params)
-        positions = torch.arange(max_positions, dtype=torch.float32)
-        freqs = torch.outer(positions, inv_freq)  # (P, rotary_dim/2)
+        scale = 1.0  # transformers' `attention_scaling`, applied to cos and sin
+        if rope_type == "longrope":
+            freqs = _longrope_tables(base, rotary_dim, max_positions, params)  # (P, rotary_dim/2)
+            scale = _longrope_attention_factor(params)
+        else:
+            freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), _inv_freq(base, rotary_dim, params))
         emb = torch.cat((freqs, freqs), dim=-1)  # (P, rotary_dim)
-        self.register_buffer("cos", emb.cos(), persistent=False)
-        self.register_buffer("sin", emb.sin(), persistent=False)
+        cos, sin = emb.cos(), emb.sin()
+        if scale != 1.0:
+            cos, sin = cos * scale, sin * scale
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    _shared: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+    @classmethod
+    def shared(cls, head_dim: int, rotary_dim: int, max_positions: int, params: dict[str, Any]) -> RotaryEmbedding:
+        """One table per distinct configuration, shared by every layer that uses it (a 131k-position table is
+        ~134 MB; one per layer would multiply that by the layer count)."""
+        key = (head_dim, rotary_dim, max_positions, json.dumps(params, sort_keys=True, default=str),
+               torch.get_default_device().type if hasattr(torch, "get_default_device") else "cpu")
+        module = cls._shared.get(key)
+        if module is None:
+            module = cls(head_dim, rotary_dim, max_positions, params)
+            cls._shared[key] = module
+        return module
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q: (T, Hq, D), k: (T, Hkv, D), positions: (T,) → rotated q, k."""

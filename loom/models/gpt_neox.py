@@ -76,7 +76,7 @@ def neox_rope(hf: dict[str, Any]) -> tuple[dict[str, Any], float]:
         params = dict(hf.get("rope_scaling") or {})
         params.setdefault("rope_theta", hf.get("rope_theta", hf.get("rotary_emb_base", 10000.0)))
         params.setdefault("partial_rotary_factor", hf.get("rotary_pct", 0.25))
-    return rope_parameters({"rope_parameters": params}), float(params.get("partial_rotary_factor", 0.25))
+    return rope_parameters({**hf, "rope_parameters": params}), float(params.get("partial_rotary_factor", 0.25))
 
 
 class GPTNeoXAttention(nn.Module):

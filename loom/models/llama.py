@@ -60,7 +60,7 @@ class LlamaAttention(nn.Module):
         self.q_norm = RMSNorm(head_dim, eps) if variant.qk_norm else None
         self.k_norm = RMSNorm(head_dim, eps) if variant.qk_norm else None
         rotary_dim = int(head_dim * float(hf.get("partial_rotary_factor", 1.0)))
-        self.rotary = RotaryEmbedding(head_dim, rotary_dim, cfg.max_model_len, rope_parameters(hf))
+        self.rotary = RotaryEmbedding.shared(head_dim, rotary_dim, cfg.max_model_len, rope_parameters(hf))
         self.attn = Attention(layer_idx, self.num_heads, self.num_kv_heads, head_dim, head_dim**-0.5, window)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -59,7 +59,11 @@ def iter_checkpoint(model_dir: Path, stack: ExitStack) -> Iterator[tuple[str, Sa
 
 
 def load_model(config: ModelConfig, device: torch.device | str = "cpu") -> nn.Module:
-    cls = resolve_model_class(config.architecture)
+    cls = resolve_model_class(config.architecture, config.hf_config)
+    from_model_config = getattr(cls, "from_model_config", None)
+    if from_model_config is not None:
+        # A class that loads itself (the transformers fallback) also checks its own weights are complete.
+        return from_model_config(config, device).eval()
     prev_dtype = torch.get_default_dtype()
     torch.set_default_dtype(config.dtype)
     try:

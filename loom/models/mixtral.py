@@ -47,11 +47,10 @@ class MoeDecoderLayer(nn.Module):
 
 
 class MoeModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, variant: LlamaVariant, mlps: list[nn.Module]):
+    def __init__(self, cfg: ModelConfig, variant: LlamaVariant, mlps: list[nn.Module], windows: list[int | None]):
         super().__init__()
         hidden = int(cfg.get("hidden_size"))
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, hidden)
-        windows = layer_windows(cfg.hf_config)
         self.layers = nn.ModuleList(
             MoeDecoderLayer(cfg, i, variant, windows[i], mlps[i]) for i in range(cfg.num_layers)
         )
@@ -74,7 +73,7 @@ class MoeForCausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         mlps = [self.make_mlp(cfg.hf_config, i) for i in range(cfg.num_layers)]
-        self.model = MoeModel(cfg, self.make_variant(cfg.hf_config), mlps)
+        self.model = MoeModel(cfg, self.make_variant(cfg.hf_config), mlps, self.layer_windows(cfg.hf_config))
         self.tie_word_embeddings = bool(cfg.get("tie_word_embeddings", False))
         self.lm_head = ParallelLMHead(cfg.vocab_size, int(cfg.get("hidden_size")))
         if self.tie_word_embeddings:
@@ -85,6 +84,10 @@ class MoeForCausalLM(nn.Module):
 
     def make_mlp(self, hf: dict[str, Any], layer_idx: int) -> nn.Module:
         raise NotImplementedError
+
+    def layer_windows(self, hf: dict[str, Any]) -> list[int | None]:
+        """Sliding window per layer (None = full attention)."""
+        return layer_windows(hf)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """(T,) ids and positions → (T, hidden) final hidden states."""

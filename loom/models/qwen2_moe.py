@@ -37,6 +37,13 @@ class Qwen2MoeForCausalLM(MoeForCausalLM):
     def make_variant(self, hf: dict[str, Any]) -> LlamaVariant:
         return LlamaVariant(qkv_bias=bool(hf.get("qkv_bias", True)))
 
+    def layer_windows(self, hf: dict[str, Any]) -> list[int | None]:
+        if hf.get("use_sliding_window") and not hf.get("layer_types"):
+            # a config.json from before `layer_types`: transformers derives them the same way
+            window, max_layers = hf.get("sliding_window"), int(hf.get("max_window_layers", 28))
+            return [window if (i + 1) % 2 and i < max_layers else None for i in range(int(hf["num_hidden_layers"]))]
+        return super().layer_windows(hf)
+
     def make_mlp(self, hf: dict[str, Any], layer_idx: int) -> nn.Module:
         hidden, act = int(hf["hidden_size"]), hf.get("hidden_act", "silu")
         experts = num_experts(hf, self.default_num_experts)
@@ -44,9 +51,10 @@ class Qwen2MoeForCausalLM(MoeForCausalLM):
             return GatedMLP(hidden, int(hf["intermediate_size"]), act)
         shared = int(hf.get("shared_expert_intermediate_size", 5632)) if self.has_shared_expert else 0
         if self.has_shared_expert and shared <= 0:
-            raise ValueError(f"shared_expert_intermediate_size must be positive for {type(self).__name__}, got {shared}")
+            raise ValueError(f"{type(self).__name__} needs a positive shared_expert_intermediate_size, got {shared}")
+        top_k = int(hf.get("num_experts_per_tok", self.default_top_k))
         return SparseMoeBlock(
-            hidden, experts, int(hf.get("num_experts_per_tok", self.default_top_k)), int(hf["moe_intermediate_size"]),
+            hidden, experts, top_k, int(hf["moe_intermediate_size"]),
             renormalize=bool(hf.get("norm_topk_prob", False)), activation=act, weights_in_dtype=True,
             shared_intermediate=shared,
         )

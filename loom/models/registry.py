@@ -1,14 +1,19 @@
 """Maps the HF `architectures` string of a checkpoint to the class that implements it.
 
 Entries name a module and a class and are imported on first use, so one family's import cost or optional
-dependency never affects another.
+dependency never affects another. An unregistered decoder that `transformers` itself can run falls back to the
+generic (slower) path in `transformers_fallback.py`, with a warning.
 """
 
 from __future__ import annotations
 
 import importlib
+import logging
+from typing import Any
 
 from torch import nn
+
+logger = logging.getLogger(__name__)
 
 _REGISTRY: dict[str, tuple[str, str]] = {
     "LlamaForCausalLM": ("loom.models.llama", "LlamaForCausalLM"),
@@ -28,6 +33,8 @@ _REGISTRY: dict[str, tuple[str, str]] = {
     "Qwen3MoeForCausalLM": ("loom.models.qwen3_moe", "Qwen3MoeForCausalLM"),
 }
 
+_FALLBACK = ("loom.models.transformers_fallback", "TransformersForCausalLM")
+
 
 def register(architecture: str, module: str, class_name: str) -> None:
     _REGISTRY[architecture] = (module, class_name)
@@ -37,11 +44,22 @@ def supported_architectures() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def resolve_model_class(architecture: str) -> type[nn.Module]:
+def resolve_model_class(architecture: str, hf_config: dict[str, Any] | None = None) -> type[nn.Module]:
+    """The class implementing `architecture`; with `hf_config` (config.json), an unregistered architecture that
+    transformers runs as a causal LM resolves to the generic fallback."""
     entry = _REGISTRY.get(architecture)
+    if entry is None and hf_config is not None:
+        fallback = importlib.import_module(_FALLBACK[0])
+        if fallback.transformers_can_run(architecture, hf_config):  # raises for encoder-decoder / multimodal
+            logger.warning(
+                "%s has no Loom implementation; it runs through the slower generic transformers path "
+                "(transformers' modeling code over Loom's paged KV cache, no tensor parallelism)", architecture,
+            )
+            entry = _FALLBACK
     if entry is None:
         raise ValueError(
             f"Unsupported model architecture {architecture!r}. Supported: {', '.join(supported_architectures())}"
+            " (and decoder-only causal LMs that transformers can load, through a slower generic path)"
         )
     module, class_name = entry
     return getattr(importlib.import_module(module), class_name)

@@ -9,6 +9,7 @@ import torch
 
 from loom.config import ModelConfig
 from loom.distributed.parallel_state import get_tp_group
+from loom.layers.kernels import paged_decode_cpu
 from loom.layers.forward_context import AttentionMetadata, ForwardContext, PrefillSpan, forward_context
 from loom.models.loader import load_model
 from loom.protocol.plan import SeqPlan, StepPlan
@@ -27,6 +28,8 @@ class ModelRunner:
             torch.zeros(shape, dtype=model_config.dtype, device=self.device) for _ in range(model_config.num_layers)
         ]
         self._block_offsets = torch.arange(block_size, device=self.device)
+        if self.device.type == "cpu":
+            paged_decode_cpu.load()  # compile (or load the cached build) now rather than in the first step
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> torch.Tensor:
@@ -61,23 +64,22 @@ class ModelRunner:
 
     def _attention_metadata(self, decodes: list[SeqPlan], prefills: list[SeqPlan]) -> AttentionMetadata:
         slot_parts: list[torch.Tensor] = []
-        decode_slots = decode_lens = None
+        tables = lens = None
         if decodes:
-            lens = torch.tensor([s.start + 1 for s in decodes], dtype=torch.long)
             max_blocks = max(len(s.block_ids) for s in decodes)
-            table = torch.zeros(len(decodes), max_blocks, dtype=torch.long)
-            for i, s in enumerate(decodes):
-                table[i, : len(s.block_ids)] = torch.tensor(s.block_ids, dtype=torch.long)
-            max_len = int(lens.max())
-            decode_slots = (table.unsqueeze(2) * self.block_size + self._block_offsets).view(len(decodes), -1)
-            decode_slots = decode_slots[:, :max_len].to(self.device)  # (Bd, Lmax)
-            decode_lens = lens.to(self.device)
-            slot_parts.append(decode_slots.gather(1, (decode_lens - 1).unsqueeze(1)).squeeze(1))
+            tables = torch.tensor([s.block_ids + [0] * (max_blocks - len(s.block_ids)) for s in decodes],
+                                  dtype=torch.int32)
+            lens = torch.tensor([s.start + 1 for s in decodes], dtype=torch.int32)
+            last = lens.long() - 1  # position of each decode's new token
+            new_slots = tables.long().gather(1, (last // self.block_size).unsqueeze(1)).squeeze(1)
+            slot_parts.append(new_slots * self.block_size + last % self.block_size)
+            tables, lens = tables.to(self.device), lens.to(self.device)
         spans, row = [], len(decodes)
         for s in prefills:
             ctx_len = s.start + len(s.token_ids)
             slots = self._slots(s.block_ids, ctx_len)
             spans.append(PrefillSpan(row, len(s.token_ids), ctx_len, slots))
-            slot_parts.append(slots[s.start :])
+            slot_parts.append(slots[s.start :].cpu())
             row += len(s.token_ids)
-        return AttentionMetadata(torch.cat(slot_parts), len(decodes), decode_slots, decode_lens, spans)
+        slot_mapping = torch.cat(slot_parts).to(self.device)
+        return AttentionMetadata(slot_mapping, len(decodes), tables, lens, spans, self.block_size)
