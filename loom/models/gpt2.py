@@ -28,6 +28,7 @@ from loom.layers.linear import (
     RowParallelLinear,
 )
 from loom.layers.norm import LayerNorm
+from loom.models.weights import load_checkpoint
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,20 +162,16 @@ class GPT2LMHeadModel(nn.Module):
 
     def load_weights(self, weights: Iterable[tuple[str, CheckpointTensor]]) -> dict[str, set]:
         """Copy checkpoint tensors into parameters; returns each loaded parameter's shard ids. Unknown names raise."""
-        params = dict(self.named_parameters())
-        loaded: dict[str, set] = {}
-        for name, tensor in weights:
+
+        def place(name: str, tensor: CheckpointTensor):
             if _IGNORED.search(name):
-                continue
+                return None
             if name.startswith("lm_head."):
                 if self.tie_word_embeddings:
-                    continue
+                    return None
             elif not name.startswith("transformer."):  # the original OpenAI checkpoints have no prefix
                 name = "transformer." + name
-            param = params.get(name)
-            if param is None:
-                raise ValueError(f"Checkpoint tensor {name!r} has no place in {type(self).__name__}")
             # c_attn is already fused [q | k | v] (shard None); Conv1D weights are stored (in, out).
-            param.weight_loader(param, TransposedTensor(tensor) if _CONV1D.search(name) else tensor, None)
-            loaded.setdefault(name, set()).add(None)
-        return loaded
+            return name, None, TransposedTensor(tensor) if _CONV1D.search(name) else tensor
+
+        return load_checkpoint(self, weights, place)

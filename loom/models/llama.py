@@ -21,6 +21,7 @@ from loom.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from loom.layers.linear import CheckpointTensor, ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from loom.layers.norm import RMSNorm
 from loom.layers.rotary import RotaryEmbedding, rope_parameters
+from loom.models.weights import llama_style_loader
 
 
 @dataclass(frozen=True)
@@ -126,14 +127,6 @@ class LlamaModel(nn.Module):
         return self.norm(x)
 
 
-# HF checkpoint names that land in one of our fused parameters: (hf fragment, our fragment, shard id)
-_STACKED = (
-    (".q_proj.", ".qkv_proj.", "q"),
-    (".k_proj.", ".qkv_proj.", "k"),
-    (".v_proj.", ".qkv_proj.", "v"),
-    (".gate_proj.", ".gate_up_proj.", 0),
-    (".up_proj.", ".gate_up_proj.", 1),
-)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -157,25 +150,7 @@ class LlamaForCausalLM(nn.Module):
 
     def load_weights(self, weights: Iterable[tuple[str, CheckpointTensor]]) -> dict[str, set]:
         """Copy checkpoint tensors into parameters; returns each loaded parameter's shard ids. Unknown names raise."""
-        params = dict(self.named_parameters())
-        loaded: dict[str, set] = {}
-        for name, tensor in weights:
-            if "rotary_emb.inv_freq" in name:
-                continue  # a buffer some old checkpoints saved; recomputed here
-            if name == "lm_head.weight" and self.tie_word_embeddings:
-                continue
-            target, shard = name, None
-            for hf_part, ours, shard_id in _STACKED:
-                if hf_part in name:
-                    target, shard = name.replace(hf_part, ours), shard_id
-                    break
-            param = params.get(target)
-            if param is None:
-                raise ValueError(f"Checkpoint tensor {name!r} has no place in {type(self).__name__}")
-            param.weight_loader(param, tensor, shard)
-            loaded.setdefault(target, set()).add(shard)
-        return loaded
-
+        return llama_style_loader(self, weights)
 
 class MistralForCausalLM(LlamaForCausalLM):
     pass

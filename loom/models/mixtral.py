@@ -20,16 +20,7 @@ from loom.layers.linear import CheckpointTensor
 from loom.layers.moe import SparseMoeBlock, expert_param_target
 from loom.layers.norm import RMSNorm
 from loom.models.llama import LlamaAttention, LlamaVariant, layer_windows
-
-# HF checkpoint names that land in one of our fused parameters: (hf fragment, our fragment, shard id)
-_STACKED = (
-    (".q_proj.", ".qkv_proj.", "q"),
-    (".k_proj.", ".qkv_proj.", "k"),
-    (".v_proj.", ".qkv_proj.", "v"),
-    (".gate_proj.", ".gate_up_proj.", 0),
-    (".up_proj.", ".gate_up_proj.", 1),
-)
-
+from loom.models.weights import is_skipped_buffer, load_checkpoint, stacked_name
 
 class MoeDecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int, variant: LlamaVariant, window: int | None, mlp: nn.Module):
@@ -102,27 +93,17 @@ class MoeForCausalLM(nn.Module):
         expert = expert_param_target(name)
         if expert is not None:
             return expert
-        for hf_part, ours, shard_id in _STACKED:
-            if hf_part in name:
-                return name.replace(hf_part, ours), shard_id
-        return name, None
+        return stacked_name(name)
 
     def load_weights(self, weights: Iterable[tuple[str, CheckpointTensor]]) -> dict[str, set]:
         """Copy checkpoint tensors into parameters; returns each loaded parameter's shard ids. Unknown names raise."""
-        params = dict(self.named_parameters())
-        loaded: dict[str, set] = {}
-        for name, tensor in weights:
-            if "rotary_emb.inv_freq" in name:
-                continue  # a buffer some old checkpoints saved; recomputed here
-            if name == "lm_head.weight" and self.tie_word_embeddings:
-                continue
-            target, shard = self._target(name)
-            param = params.get(target)
-            if param is None:
-                raise ValueError(f"Checkpoint tensor {name!r} has no place in {type(self).__name__}")
-            param.weight_loader(param, tensor, shard)
-            loaded.setdefault(target, set()).add(shard)
-        return loaded
+
+        def place(name: str, tensor: CheckpointTensor):
+            if is_skipped_buffer(name, self.tie_word_embeddings):
+                return None
+            return (*self._target(name), tensor)
+
+        return load_checkpoint(self, weights, place)
 
 
 class MixtralForCausalLM(MoeForCausalLM):

@@ -20,6 +20,7 @@ from loom.layers.linear import CheckpointTensor, QKVParallelLinear, RowParallelL
 from loom.layers.norm import RMSNorm
 from loom.layers.rotary import RotaryEmbedding, rope_parameters
 from loom.models.llama import LlamaMLP, layer_windows
+from loom.models.weights import llama_style_loader
 
 # Phi3Config's default, which transformers applies (ahead of the rope parameters' own) when config.json omits it.
 DEFAULT_ORIGINAL_MAX_POSITIONS = 4096
@@ -115,14 +116,4 @@ class Phi3ForCausalLM(nn.Module):
 
     def load_weights(self, weights: Iterable[tuple[str, CheckpointTensor]]) -> dict[str, set]:
         """Checkpoint names equal parameter names; fused tensors load with shard id None. Unknown names raise."""
-        params = dict(self.named_parameters())
-        loaded: dict[str, set] = {}
-        for name, tensor in weights:
-            if "rotary_emb.inv_freq" in name or (name == "lm_head.weight" and self.tie_word_embeddings):
-                continue
-            param = params.get(name)
-            if param is None:
-                raise ValueError(f"Checkpoint tensor {name!r} has no place in {type(self).__name__}")
-            param.weight_loader(param, tensor, None)
-            loaded.setdefault(name, set()).add(None)
-        return loaded
+        return llama_style_loader(self, weights, stacked=())
