@@ -9,6 +9,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field, replace
 
+from loom.grammar.spec import GrammarSpec
+
 # TGI caps an unspecified `max_new_tokens` at this many tokens (router/src/validation.rs).
 DEFAULT_MAX_NEW_TOKENS_CAP = 1024
 
@@ -35,6 +37,7 @@ class SamplingParams:
     top_n_tokens: int = 0  # alternatives returned per step, from the processed distribution
     details: bool = False  # return the log-probability of each generated token
     ignore_eos: bool = False  # keep generating past EOS (benchmarks)
+    grammar: GrammarSpec | None = None  # constrain the output to a JSON schema or a regex
 
     def validate(self) -> None:
         """Raise ValueError with TGI's message for the first invalid field (TGI's validation order)."""

@@ -18,6 +18,7 @@ from loom.engine.outputs import RequestOutput
 from loom.engine.request import Request
 from loom.engine.scheduler import Scheduler
 from loom.engine.stop import StopChecker
+from loom.grammar.guide import GrammarGuide
 from loom.sampling_params import SamplingParams
 from loom.tokenizer import eos_token_ids, load_tokenizer
 from loom.worker.runner import ModelRunner
@@ -71,6 +72,7 @@ class EngineCore:
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.kv)
         self.sampler = Sampler()
+        self.grammar = GrammarGuide(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
         logger.info(
             "engine ready: %s (%s), KV cache %d blocks × %d tokens, max total tokens %d",
             self.model_config.architecture, self.model_config.dtype, num_blocks, config.block_size,
@@ -102,6 +104,7 @@ class EngineCore:
             request_id, list(prompt_token_ids), params, max_new, self.eos_token_ids,
             stop_checker=StopChecker.create(params.stop, self.tokenizer, prompt_token_ids), generator=generator,
             prompt_logprobs=[None] if prompt_logprobs else None,
+            grammar=self.grammar.matcher(params.grammar) if params.grammar is not None else None,
         )
         self.scheduler.add(request)
         return request
@@ -118,6 +121,10 @@ class EngineCore:
         if not scheduled.seqs:
             return []
         plan = self.scheduler.make_plan(scheduled)
+        sampling = [s.request for s in scheduled.seqs if s.samples]
+        guided = [i for i, r in enumerate(sampling) if r.grammar is not None]
+        # The masks depend only on the tokens so far: computed while the model runs.
+        masks = self.grammar.masks_async([sampling[i].grammar for i in guided]) if guided else None
         logits = self.runner.execute(plan)
         last_rows, row = [], 0
         for seq, sp in zip(scheduled.seqs, plan.seqs):
@@ -129,10 +136,11 @@ class EngineCore:
             elif sp.sample:
                 last_rows.append(row)
                 row += 1
-        sampling = [s.request for s in scheduled.seqs if s.samples]
         rows = [SamplingRow(r.params, r.generator, r.token_ids) for r in sampling]
         sample_logits = logits if len(last_rows) == logits.shape[0] else logits[last_rows]
-        sampled = self.sampler(sample_logits, rows)
+        sampled = self.sampler(sample_logits, rows, (guided, masks.result()) if masks is not None else None)
+        for i in guided:
+            GrammarGuide.advance(sampling[i].grammar, sampled.token_ids[i])
         tokens = {r.request_id: t for r, t in zip(sampling, sampled.token_ids)}
         self.scheduler.update(scheduled, tokens)
         return self._outputs(sampling, sampled)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -42,6 +43,7 @@ class Request:
     # Prompt logprobs (TGI's decoder_input_details): None when not asked; else filled as prefill chunks run,
     # position 0 has none. Such requests skip the prefix cache, whose hits would leave positions unscored.
     prompt_logprobs: list[float | None] | None = None
+    grammar: Any = None  # the llguidance matcher of a constrained request (loom.grammar.guide), else None
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: FinishReason | None = None
 

@@ -122,7 +122,7 @@ def build_state(config: RouterConfig, engine: EngineClient) -> RouterState:
 
 def create_app(config: RouterConfig, engine_endpoint: str, connect_timeout: float | None = None) -> FastAPI:
     """The app connects to the engine at start-up (waiting for its EngineReady) and closes the connection at exit."""
-    from loom.router import openai_routes, tgi_routes
+    from loom.router import chat_routes, openai_routes, tgi_routes
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -166,4 +166,5 @@ def create_app(config: RouterConfig, engine_endpoint: str, connect_timeout: floa
                        allow_headers=["content-type"])
     app.include_router(tgi_routes.router)
     app.include_router(openai_routes.router)
+    app.include_router(chat_routes.router)
     return app

@@ -1,5 +1,5 @@
-"""The OpenAI-compatible API as TGI serves it: /v1/chat/completions, /v1/completions, /v1/models, /chat_tokenize,
-and SageMaker's /invocations (router/src/server.rs, router/src/chat.rs, router/src/sagemaker.rs).
+"""The OpenAI-compatible API as TGI serves it: /v1/completions, /v1/models, /chat_tokenize, and SageMaker's
+/invocations (router/src/server.rs, router/src/sagemaker.rs); /v1/chat/completions lives in chat_routes.
 
 Each request becomes one native `GenerateParameters` per prompt (TGI's fixed values included) and runs through the
 same validation, permits, generator and metrics as the native routes; only the JSON shapes differ.
@@ -18,9 +18,9 @@ from fastapi.responses import JSONResponse, Response
 
 from loom.router import tgi_routes
 from loom.router.app import BodyError, RouterState, parse_body
-from loom.router.chat import ChatTemplate
-from loom.router.errors import CustomError, IncompleteGenerationError, InferError, TemplateError, ToolError
-from loom.router.generation import GenerationResult, StreamItem, TokenInfo
+from loom.router.chat_routes import chat, chat_to_generate
+from loom.router.errors import CustomError, IncompleteGenerationError, InferError
+from loom.router.generation import GenerationResult, StreamItem
 from loom.router.handlers import (
     body_schema,
     compute_type,
@@ -32,134 +32,13 @@ from loom.router.handlers import (
     tokens_with_offsets,
     until_disconnected,
 )
+from loom.router.openai_common import DONE, adapter, openai_error, openai_finish, sampling, usage
 from loom.router.openai_schemas import ChatRequest, CompletionRequest, SagemakerRequest
 from loom.router.schemas import CompatGenerateRequest, GenerateParameters
 from loom.router.streams import compact, sse_data
 
 logger = logging.getLogger(__name__)
 router = APIRouter()
-DONE = sse_data("[DONE]")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Shared plumbing
-
-
-def _sampling(temperature: float | None) -> tuple[bool, float | None]:
-    """TGI: `temperature: 0` means greedy; anything else, absence included, samples."""
-    if temperature == 0.0:
-        return False, None
-    return True, temperature
-
-
-def _adapter(model: str | None) -> str | None:
-    return model if model is not None and model != "tgi" else None
-
-
-def _openai_error(err: InferError) -> bytes:
-    """TGI reports every error inside an OpenAI stream with status 422, whatever its kind."""
-    return sse_data(compact({"error": {"message": err.message, "http_status_code": 422}}))
-
-
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
-
-
-def _openai_finish(reason: str) -> str:
-    return "stop" if reason == "eos_token" else reason
-
-
-def _logprob_entry(token: TokenInfo, top: list[TokenInfo] | None) -> dict:
-    tops = [{"token": t.text, "logprob": t.as_dict()["logprob"]} for t in top or []]
-    return {"token": token.text, "logprob": token.as_dict()["logprob"], "top_logprobs": tops}
-
-
-def _logprobs(tokens: list[TokenInfo], top_tokens: list[list[TokenInfo]]) -> dict:
-    return {"content": [_logprob_entry(t, top_tokens[i] if i < len(top_tokens) else None)
-                        for i, t in enumerate(tokens)]}
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# /v1/chat/completions
-
-
-async def chat_to_generate(state: RouterState, template: ChatTemplate,
-                           chat: ChatRequest) -> tuple[str, GenerateParameters]:
-    """TGI's `ChatRequest::try_into_generate`: template the messages and fill the native parameters."""
-    if chat.response_format is not None and chat.tools is not None:
-        raise ToolError("Grammar and tools are mutually exclusive")
-    if chat.tools and chat.tool_choice != "none":  # tool_choice "none" means plain chat: tools ignored entirely
-        raise ToolError("tools are not supported by Loom yet")
-    try:
-        prompt = await asyncio.to_thread(template.apply, chat.messages)
-    except TemplateError:
-        state.metrics.request_failure.labels("template").inc()
-        raise
-    do_sample, temperature = _sampling(chat.temperature)
-    params = GenerateParameters(
-        adapter_id=_adapter(chat.model), temperature=temperature,
-        repetition_penalty=None if chat.presence_penalty is None else chat.presence_penalty + 2.0,
-        frequency_penalty=chat.frequency_penalty, top_p=chat.top_p, do_sample=do_sample,
-        max_new_tokens=chat.max_tokens, stop=chat.stop or [], details=True, decoder_input_details=False,
-        seed=chat.seed, top_n_tokens=chat.top_logprobs,
-        grammar=chat.response_format,  # validation rejects grammars until structured output lands
-    )
-    return prompt, params
-
-
-def _chat_envelope(obj: str, model: str, fingerprint: str) -> dict:
-    return {"object": obj, "id": "", "created": int(time.time()), "model": model, "system_fingerprint": fingerprint}
-
-
-def chat_chunk(model: str, fingerprint: str, item: StreamItem, logprobs: bool) -> dict:
-    content = "" if item.token.special else item.token.text
-    choice = {
-        "index": 0, "delta": {"role": "assistant", "content": content},
-        "logprobs": {"content": [_logprob_entry(item.token, item.top_tokens)]} if logprobs else None,
-        "finish_reason": _openai_finish(item.result.finish_reason) if item.result is not None else None,
-    }
-    return {**_chat_envelope("chat.completion.chunk", model, fingerprint), "choices": [choice], "usage": None}
-
-
-async def _chat_events(state: RouterState, chat: ChatRequest, prompt: str, params: GenerateParameters,
-                       model: str) -> AsyncIterator[bytes]:
-    fingerprint = state.system_fingerprint
-    include_usage = chat.stream_options is not None and chat.stream_options.include_usage
-    try:
-        async with aclosing(stream_text(state, prompt, params, add_special_tokens=False)) as items:
-            async for item in items:
-                yield sse_data(compact(chat_chunk(model, fingerprint, item, bool(chat.logprobs))))
-                if include_usage and item.result is not None:
-                    usage = _usage(item.result.input_length, item.result.generated_tokens)
-                    yield sse_data(compact({**_chat_envelope("chat.completion.chunk", model, fingerprint),
-                                            "choices": [], "usage": usage}))
-    except InferError as err:
-        yield _openai_error(err)
-    yield DONE
-
-
-async def _chat(request: Request, state: RouterState, chat: ChatRequest) -> Response:
-    state.metrics.request_count.inc()
-    prompt, params = await chat_to_generate(state, state.chat_template, chat)  # template and tool errors: JSON, with status
-    model = chat.model if chat.model is not None else state.config.model_id
-    if chat.stream:
-        return sse_response(_chat_events(state, chat, prompt, params, model), len(prompt))
-    result = await until_disconnected(request, state, generate_text(state, prompt, params, add_special_tokens=False))
-    choice = {
-        "index": 0, "message": {"role": "assistant", "content": result.generated_text},
-        "logprobs": _logprobs(result.tokens, result.top_tokens) if chat.logprobs else None,
-        "finish_reason": _openai_finish(result.finish_reason),
-    }
-    body = {**_chat_envelope("chat.completion", model, state.system_fingerprint), "choices": [choice],
-            "usage": _usage(result.input_length, result.generated_tokens)}
-    return JSONResponse(body, headers=response_headers([result], len(prompt)))
-
-
-@router.post("/v1/chat/completions", openapi_extra=body_schema(ChatRequest), tags=["OpenAI"])
-async def chat_completions(request: Request) -> Response:
-    chat = await parse_body(request, ChatRequest)
-    return await _chat(request, state_of(request), chat)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -167,9 +46,9 @@ async def chat_completions(request: Request) -> Response:
 
 
 def _completion_params(req: CompletionRequest) -> GenerateParameters:
-    do_sample, temperature = _sampling(req.temperature)
+    do_sample, temperature = sampling(req.temperature)
     return GenerateParameters(
-        adapter_id=_adapter(req.model), temperature=temperature, repetition_penalty=req.repetition_penalty,
+        adapter_id=adapter(req.model), temperature=temperature, repetition_penalty=req.repetition_penalty,
         frequency_penalty=req.frequency_penalty, top_p=req.top_p, do_sample=do_sample,
         max_new_tokens=req.max_tokens, stop=req.stop or [], details=True, decoder_input_details=not req.stream,
         seed=req.seed, ignore_eos=req.ignore_eos,
@@ -188,7 +67,7 @@ def completion_event(model: str, fingerprint: str, index: int, item: StreamItem)
                 "system_fingerprint": fingerprint}
     return {"object": "text_completion", "id": "", "created": created, "model": model,
             "system_fingerprint": fingerprint, "choices": [choice],
-            "usage": _usage(r.input_length, r.generated_tokens)}
+            "usage": usage(r.input_length, r.generated_tokens)}
 
 
 async def _completion_events(state: RouterState, prompts: list[str],
@@ -204,10 +83,10 @@ async def _completion_events(state: RouterState, prompts: list[str],
                 async for item in items:
                     queue.put_nowait(sse_data(compact(completion_event(model, fingerprint, index, item))))
         except InferError as err:
-            queue.put_nowait(_openai_error(err))
+            queue.put_nowait(openai_error(err))
         except Exception:  # a bug: report it and keep the other prompts streaming
             logger.exception("completion stream for prompt %d failed", index)
-            queue.put_nowait(_openai_error(IncompleteGenerationError()))
+            queue.put_nowait(openai_error(IncompleteGenerationError()))
         finally:
             queue.put_nowait(None)
 
@@ -248,12 +127,12 @@ async def _completions_json(state: RouterState, prompts: list[str], params: Gene
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
     choices = [
-        {"index": i, "text": r.generated_text, "logprobs": None, "finish_reason": _openai_finish(r.finish_reason)}
+        {"index": i, "text": r.generated_text, "logprobs": None, "finish_reason": openai_finish(r.finish_reason)}
         for i, _, r in done
     ]
-    usage = _usage(sum(r.input_length for _, _, r in done), sum(r.generated_tokens for _, _, r in done))
+    totals = usage(sum(r.input_length for _, _, r in done), sum(r.generated_tokens for _, _, r in done))
     body = {"object": "text_completion", "id": "", "created": int(time.time()), "model": state.config.model_id,
-            "system_fingerprint": state.system_fingerprint, "choices": choices, "usage": usage}
+            "system_fingerprint": state.system_fingerprint, "choices": choices, "usage": totals}
     per_prompt = [response_headers([r], len(p)) for _, p, r in done]
     headers = {"x-compute-type": compute_type()}
     headers.update({k: str(sum(int(h[k]) for h in per_prompt)) for k in _SUMMED_HEADERS})
@@ -291,9 +170,9 @@ async def chat_tokenize(request: Request) -> Response:
     state = state_of(request)
     chat = await parse_body(request, ChatRequest)
     state.metrics.request_count.inc()
-    prompt, _ = await chat_to_generate(state, state.chat_template, chat)
-    tokens = await asyncio.to_thread(tokens_with_offsets, state.tokenizer, prompt, add_special_tokens=False)
-    return JSONResponse({"tokenize_response": tokens, "templated_text": prompt})
+    plan = await chat_to_generate(state, state.chat_template, chat)
+    tokens = await asyncio.to_thread(tokens_with_offsets, state.tokenizer, plan.prompt, add_special_tokens=False)
+    return JSONResponse({"tokenize_response": tokens, "templated_text": plan.prompt})
 
 
 @router.post("/invocations", openapi_extra=body_schema(SagemakerRequest), tags=["Text Generation Inference"])
@@ -309,7 +188,7 @@ async def invocations(request: Request) -> Response:
     if isinstance(body, CompatGenerateRequest):
         return await tgi_routes.compat_generate(request)  # re-reads the cached body
     if isinstance(body, ChatRequest):
-        return await _chat(request, state_of(request), body)
+        return await chat(request, state_of(request), body)
     return await _completions(request, state_of(request), body)
 
 

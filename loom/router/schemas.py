@@ -11,8 +11,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class GrammarType(BaseModel):
+    """TGI's `{"type": ..., "value": ...}`; `json_schema` may also come in OpenAI's shape
+    `{"type": "json_schema", "json_schema": {"name", "schema", "strict"}}` (a Loom extension)."""
+
     type: Literal["json", "json_object", "regex", "json_schema"]
     value: Any = None
+    json_schema: Any = None
 
 
 class GenerateParameters(BaseModel):

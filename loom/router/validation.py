@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from transformers import PreTrainedTokenizerBase
 
 from loom.router.errors import ValidationError
+from loom.router.grammar import grammar_spec
 from loom.router.schemas import GenerateParameters
 from loom.sampling_params import DEFAULT_MAX_NEW_TOKENS_CAP, SamplingParams
 
@@ -106,14 +107,14 @@ async def validate(
         )
     if input_length > limits.max_input_tokens:
         raise ValidationError(f"`inputs` must have less than {limits.max_input_tokens} tokens. Given: {input_length}")
-    if p.grammar is not None:
-        raise ValidationError("grammar is not supported")
+    grammar = grammar_spec(p.grammar, limits.disable_grammar_support) if p.grammar is not None else None
     if max_new == 0:
         raise ValidationError("`max_new_tokens` must be strictly positive")
     params = SamplingParams(
         max_new_tokens=max_new, do_sample=p.do_sample, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
         typical_p=p.typical_p, repetition_penalty=p.repetition_penalty, frequency_penalty=p.frequency_penalty,
         seed=p.seed, stop=list(p.stop), top_n_tokens=p.top_n_tokens or 0, details=True, ignore_eos=p.ignore_eos,
+        grammar=grammar,
     )
     full_text = p.return_full_text if p.return_full_text is not None else return_full_text_default
     return ValidatedRequest(

@@ -92,6 +92,10 @@ _WARPERS: tuple[_Warper, ...] = (
 )
 
 
+def _mask_disallowed(scores: torch.Tensor, allowed: torch.Tensor) -> None:
+    scores.masked_fill_(~allowed, _NEG_INF)
+
+
 def _on_rows(logits: torch.Tensor, rows: list[int], fn: Callable[..., None], *args: torch.Tensor) -> None:
     """Apply an in-place row-wise `fn` to `logits[rows]` (`rows` sorted, unique); no copy when it is every row."""
     if len(rows) == logits.shape[0]:
@@ -193,14 +197,20 @@ def _top_tokens(logits: torch.Tensor, lse: torch.Tensor, top_n: list[int]) -> li
 class Sampler:
     """Stateless: per-request state (the generator, the ids so far) arrives with each `SamplingRow`."""
 
-    def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SamplerOutput:
-        """logits: [N, V], one row per `SamplingRow`; float32 rows are processed in place."""
+    def __call__(
+        self, logits: torch.Tensor, rows: Sequence[SamplingRow],
+        allowed: tuple[list[int], torch.Tensor] | None = None,
+    ) -> SamplerOutput:
+        """logits: [N, V], one row per `SamplingRow`; float32 rows are processed in place. `allowed` = (rows,
+        [len(rows), V] bool): the grammar masks of the constrained rows, applied after the penalties (TGI)."""
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise ValueError(f"logits of shape {tuple(logits.shape)} do not match {len(rows)} rows")
         if logits.dtype != torch.float32 or not logits.is_contiguous():
             logits = logits.float().contiguous()  # logprobs need float32; penalties index a flat view
         if any(row.params.uses_penalties for row in rows):
             _apply_penalties(logits, rows)
+        if allowed is not None and allowed[0]:
+            _on_rows(logits, allowed[0], _mask_disallowed, allowed[1].to(logits.device))
         sampling = [i for i, row in enumerate(rows) if row.params.is_sampling]
         for warper in _WARPERS:
             using = [(i, v) for i in sampling if (v := warper.value(rows[i].params)) is not None]
