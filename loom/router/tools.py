@@ -140,13 +140,18 @@ def next_tool_call_id(messages: list[Message]) -> str:
 
 
 _TRAILING = " \t\r\n,}"
+_CALL_HEAD = re.compile(r'\s*\{\s*"function"\s*:\s*\{\s*"_name"\s*:\s*"(?:[^"\\]|\\.)*"\s*,?')
 
 
 @dataclass
 class ToolCallStream:
     """TGI's `ChatState` for tool calls: tokens are buffered until the function name is known; then one delta
     names the function with arguments "{", and every later token is an arguments delta, the final outer `}`
-    trimmed. A `no_tool` choice is reported so the caller can re-run as plain chat."""
+    trimmed, so the deltas concatenate to the arguments object. A `no_tool` choice is reported so the caller can
+    re-run as plain chat.
+
+    Unlike TGI, argument text that arrived in the same tokens as the end of the name is not dropped: it follows
+    the "{" of the first delta."""
 
     call_id: str
     text: str = ""
@@ -167,14 +172,21 @@ class ToolCallStream:
             if name == NO_TOOL:
                 self.no_tool = True
                 return []
+            head = _CALL_HEAD.match(self.text)
+            arguments = "{" + (self.text[head.end():].lstrip() if head else "")
             return [{"index": 0, "id": self.call_id, "type": "function",
-                     "function": {"name": name, "arguments": "{"}}]
+                     "function": {"name": name, "arguments": self._trim_outer(arguments)}}]
         if self.no_tool:
             return []
-        if _complete_json(self.text):
-            token_text = token_text[: token_text.rfind("}")] if "}" in token_text else token_text
         return [{"index": 0, "id": self.call_id, "type": "function",
-                 "function": {"name": None, "arguments": token_text}}]
+                 "function": {"name": None, "arguments": self._trim_outer(token_text)}}]
+
+    def _trim_outer(self, delta: str) -> str:
+        """Once the whole call has been generated, its last `}` closes `{"function": ...}`, not the arguments."""
+        if "}" in delta and _complete_json(self.text):
+            at = delta.rfind("}")
+            return delta[:at] + delta[at + 1 :]
+        return delta
 
 
 def _complete_json(text: str) -> bool:
