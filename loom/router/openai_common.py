@@ -6,7 +6,9 @@ from loom.router.errors import InferError
 from loom.router.generation import TokenInfo
 from loom.router.streams import compact, sse_data
 
-DONE = sse_data("[DONE]")
+# TGI's JSON events have no space after "data:", but its terminator is `data: [DONE]`, the exact line
+# huggingface_hub's InferenceClient waits for (it fails on `data:[DONE]`).
+DONE = b"data: [DONE]\n\n"
 
 
 def sampling(temperature: float | None) -> tuple[bool, float | None]:

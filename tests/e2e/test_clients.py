@@ -167,3 +167,40 @@ def test_json_output_logs_one_object_per_line_with_request_timings(launch):
     assert fields["input_tokens"] == 3 and fields["generated_tokens"] <= 3
     assert fields["total_time"] >= fields["inference_time"] >= 0 and fields["queue_time"] >= 0
     assert "secret prompt text" not in s.logs()  # the prompt is logged only at debug level
+
+
+def test_huggingface_hub_tools_and_grammars(server):
+    """Tool calls and response formats through huggingface_hub's client, and a grammar through text-generation's."""
+    import jsonschema
+
+    weather = {"type": "function", "function": {
+        "name": "get_current_weather", "description": "Get the current weather",
+        "parameters": {"type": "object", "properties": {
+            "location": {"type": "string", "maxLength": 12}, "format": {"enum": ["celsius", "fahrenheit"]}},
+            "required": ["location", "format"]}}}
+    messages = [{"role": "user", "content": "Weather in Brooklyn?"}]
+    client = InferenceClient(base_url=server.url)
+    out = client.chat_completion(messages, tools=[weather], tool_choice="get_current_weather", max_tokens=80,
+                                 temperature=0)
+    call = out.choices[0].message.tool_calls[0]
+    assert call.function.name == "get_current_weather" and call.id == "0"
+    arguments = call.function.arguments
+    jsonschema.validate(json.loads(arguments) if isinstance(arguments, str) else arguments,
+                        weather["function"]["parameters"])
+    chunks = list(client.chat_completion(messages, tools=[weather], tool_choice="get_current_weather",
+                                         max_tokens=80, temperature=0, stream=True))
+    streamed = "".join(c.choices[0].delta.tool_calls[0].function.arguments
+                       for c in chunks if c.choices and c.choices[0].delta.tool_calls)
+    assert json.loads(streamed) == (json.loads(arguments) if isinstance(arguments, str) else arguments)
+
+    person = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8},
+                                               "age": {"type": "integer", "minimum": 0, "maximum": 99}},
+              "required": ["name", "age"]}
+    out = client.chat_completion(messages, response_format={"type": "json", "value": person}, max_tokens=60,
+                                 seed=4)
+    jsonschema.validate(json.loads(out.choices[0].message.content), person)
+    from text_generation.types import Grammar, GrammarType
+
+    r = Client(server.url, timeout=60).generate("Age:", max_new_tokens=20,
+                                                grammar=Grammar(type=GrammarType.Regex, value="[0-9]{2}"))
+    assert len(r.generated_text) == 2 and r.generated_text.isdigit()

@@ -25,11 +25,12 @@ CHUNK_KEYS = ["object", "id", "created", "choices", "model", "system_fingerprint
 
 
 def sse_payloads(text: str) -> list[str]:
-    """The `data:` payloads of an SSE body, checking TGI's framing (no space after the colon)."""
+    """The `data:` payloads of an SSE body, checking TGI's framing (no space after the colon, except in the
+    `data: [DONE]` terminator)."""
     assert text.endswith("\n\n")
     events = [e for e in text.split("\n\n") if e]
-    assert all(e.startswith("data:") and not e.startswith("data: ") for e in events), events
-    return [e[len("data:"):] for e in events]
+    assert all(e == "data: [DONE]" or (e.startswith("data:") and not e.startswith("data: ")) for e in events), events
+    return [e[len("data:"):].lstrip() for e in events]
 
 
 def json_events(text: str) -> list[dict]:

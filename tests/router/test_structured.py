@@ -31,7 +31,7 @@ TOOL_PARAMS = {t["function"]["name"]: t["function"]["parameters"] for t in (WEAT
 
 def sse_json(text: str) -> list[dict]:
     """The JSON events of an SSE body (OpenAI streams end with `[DONE]`, native ones do not)."""
-    payloads = [e[len("data:"):] for e in text.split("\n\n") if e]
+    payloads = [e[len("data:"):].strip() for e in text.split("\n\n") if e]
     return [json.loads(p) for p in payloads if p != "[DONE]"]
 
 
