@@ -28,6 +28,7 @@ _SOURCE = r"""
 #include <cstring>
 #include <vector>
 #include <limits>
+#include <type_traits>
 
 template <typename T> static inline float to_f(T x) { return static_cast<float>(x); }
 // bf16 → fp32 is a 16-bit shift; written out so the compiler vectorises the row conversions
@@ -97,15 +98,124 @@ static void decode_kernel(const T* q, const T* kc, const T* vc, const int32_t* b
   });
 }
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+// AVX-512 path: a head row of D = 16·V elements is V fp32 vectors. Keys and values are widened to fp32 in
+// registers, the G query heads of a KV head stay in registers, and each token costs V loads, G·V FMAs and G
+// horizontal sums (the scalar loop above is ~8x slower at batch 32 × 256 context).
+template <typename T> static inline __m512 load16(const T* p);
+template <> inline __m512 load16<float>(const float* p) { return _mm512_loadu_ps(p); }
+template <> inline __m512 load16<c10::BFloat16>(const c10::BFloat16* p) {
+  __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+template <> inline __m512 load16<c10::Half>(const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+template <typename T> static inline void store16(T* p, __m512 v);
+template <> inline void store16<float>(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+template <> inline void store16<c10::BFloat16>(c10::BFloat16* p, __m512 v) {
+  __m512i bits = _mm512_castps_si512(v);  // round to nearest even, as c10::BFloat16 does (finite values)
+  __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  bits = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
+}
+template <> inline void store16<c10::Half>(c10::Half* p, __m512 v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+}
+
+template <typename T, int V>
+static void decode_kernel_avx512(const T* q, const T* kc, const T* vc, const int32_t* bt, const int32_t* lens,
+                                 T* out, int64_t B, int64_t Hq, int64_t Hkv, int64_t max_blocks, int64_t bs,
+                                 float scale, int64_t window) {
+  constexpr int64_t D = 16 * V;
+  const int64_t G = Hq / Hkv, stride = Hkv * D;
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores;
+    std::vector<__m512> qv(G * V), acc(G * V);
+    const __m512 sc = _mm512_set1_ps(scale);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / Hkv, h = item % Hkv;
+      const int64_t len = lens[b];
+      const int64_t first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
+      const int64_t n = len - first;
+      scores.resize(G * n);
+      for (int64_t g = 0; g < G; ++g)
+        for (int j = 0; j < V; ++j) qv[g * V + j] = _mm512_mul_ps(load16(q + (b * Hq + h * G + g) * D + 16 * j), sc);
+      const int32_t* table = bt + b * max_blocks;
+      for (int64_t t = first; t < len; ++t) {
+        const T* k = kc + ((int64_t)table[t / bs] * bs + t % bs) * stride + h * D;
+        __m512 kv[V];
+        for (int j = 0; j < V; ++j) kv[j] = load16(k + 16 * j);
+        for (int64_t g = 0; g < G; ++g) {
+          __m512 s = _mm512_mul_ps(qv[g * V], kv[0]);
+          for (int j = 1; j < V; ++j) s = _mm512_fmadd_ps(qv[g * V + j], kv[j], s);
+          scores[g * n + (t - first)] = _mm512_reduce_add_ps(s);
+        }
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        float* sg = scores.data() + g * n;
+        float m = -std::numeric_limits<float>::infinity();
+        for (int64_t i = 0; i < n; ++i) m = std::max(m, sg[i]);
+        float sum = 0.f;
+        for (int64_t i = 0; i < n; ++i) { sg[i] = std::exp(sg[i] - m); sum += sg[i]; }
+        const float inv = 1.f / sum;
+        for (int64_t i = 0; i < n; ++i) sg[i] *= inv;
+      }
+      for (int64_t i = 0; i < G * V; ++i) acc[i] = _mm512_setzero_ps();
+      for (int64_t t = first; t < len; ++t) {
+        const T* v = vc + ((int64_t)table[t / bs] * bs + t % bs) * stride + h * D;
+        __m512 vv[V];
+        for (int j = 0; j < V; ++j) vv[j] = load16(v + 16 * j);
+        for (int64_t g = 0; g < G; ++g) {
+          const __m512 p = _mm512_set1_ps(scores[g * n + (t - first)]);
+          for (int j = 0; j < V; ++j) acc[g * V + j] = _mm512_fmadd_ps(p, vv[j], acc[g * V + j]);
+        }
+      }
+      for (int64_t g = 0; g < G; ++g)
+        for (int j = 0; j < V; ++j) store16(out + (b * Hq + h * G + g) * D + 16 * j, acc[g * V + j]);
+    }
+  });
+}
+
+template <typename T>
+static bool decode_avx512(const T* q, const T* kc, const T* vc, const int32_t* bt, const int32_t* lens, T* out,
+                          int64_t B, int64_t Hq, int64_t Hkv, int64_t D, int64_t max_blocks, int64_t bs,
+                          float scale, int64_t window) {
+  switch (D) {
+    case 16: decode_kernel_avx512<T, 1>(q, kc, vc, bt, lens, out, B, Hq, Hkv, max_blocks, bs, scale, window); return true;
+    case 32: decode_kernel_avx512<T, 2>(q, kc, vc, bt, lens, out, B, Hq, Hkv, max_blocks, bs, scale, window); return true;
+    case 64: decode_kernel_avx512<T, 4>(q, kc, vc, bt, lens, out, B, Hq, Hkv, max_blocks, bs, scale, window); return true;
+    case 80: decode_kernel_avx512<T, 5>(q, kc, vc, bt, lens, out, B, Hq, Hkv, max_blocks, bs, scale, window); return true;
+    case 96: decode_kernel_avx512<T, 6>(q, kc, vc, bt, lens, out, B, Hq, Hkv, max_blocks, bs, scale, window); return true;
+    case 128: decode_kernel_avx512<T, 8>(q, kc, vc, bt, lens, out, B, Hq, Hkv, max_blocks, bs, scale, window); return true;
+    case 256: decode_kernel_avx512<T, 16>(q, kc, vc, bt, lens, out, B, Hq, Hkv, max_blocks, bs, scale, window); return true;
+    default: return false;
+  }
+}
+#else
+template <typename T>
+static bool decode_avx512(const T*, const T*, const T*, const int32_t*, const int32_t*, T*, int64_t, int64_t,
+                          int64_t, int64_t, int64_t, int64_t, float, int64_t) { return false; }
+#endif
+
 torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor block_tables,
                            torch::Tensor lens, int64_t block_size, double scale, int64_t window) {
   TORCH_CHECK(q.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous(), "contiguous inputs");
   auto out = torch::empty_like(q);
   const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2), Hkv = k_cache.size(1);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode", [&] {
-    decode_kernel<scalar_t>(q.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(),
-                            block_tables.data_ptr<int32_t>(), lens.data_ptr<int32_t>(), out.data_ptr<scalar_t>(),
-                            B, Hq, Hkv, D, block_tables.size(1), block_size, (float)scale, window);
+    const scalar_t *qp = q.data_ptr<scalar_t>(), *kp = k_cache.data_ptr<scalar_t>(), *vp = v_cache.data_ptr<scalar_t>();
+    const int32_t *bt = block_tables.data_ptr<int32_t>(), *ln = lens.data_ptr<int32_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    bool done = false;
+    if constexpr (!std::is_same_v<scalar_t, double>) {
+      done = decode_avx512<scalar_t>(qp, kp, vp, bt, ln, op, B, Hq, Hkv, D, block_tables.size(1), block_size,
+                                     (float)scale, window);
+    }
+    if (!done)
+      decode_kernel<scalar_t>(qp, kp, vp, bt, ln, op, B, Hq, Hkv, D, block_tables.size(1), block_size, (float)scale,
+                              window);
   });
   return out;
 }
@@ -133,7 +243,7 @@ def load():
             from torch.utils.cpp_extension import load_inline
 
             _module = load_inline(
-                "loom_paged_decode_cpu_v3", cpp_sources=[_SOURCE], extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffast-math"],
+                "loom_paged_decode_cpu_v4", cpp_sources=[_SOURCE], extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffast-math"],
                 extra_ldflags=["-fopenmp"], verbose=False,
             )
         except Exception as err:  # noqa: BLE001 — no compiler, no headers: use the torch path
