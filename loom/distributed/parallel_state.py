@@ -1,22 +1,33 @@
 """Tensor-parallel group state: which rank this process is and how many share the model.
 
-Set once per process before the model is built. With the default (one rank) every parallel layer short-circuits
-its collectives, so single-process code pays nothing for being tensor-parallel ready.
+Set once per process before the model is built (`loom.distributed.comm.init_distributed`). With the default (one
+rank) every parallel layer short-circuits its collectives, so single-process code pays nothing for being
+tensor-parallel ready.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from loom.config import ModelConfig
 
 
 @dataclass(frozen=True)
 class TPGroup:
     rank: int = 0
     size: int = 1
-    group: dist.ProcessGroup | None = None
+    group: dist.ProcessGroup | None = None  # the model's collectives: gloo on CPU, NCCL on CUDA
+    control: dist.ProcessGroup | None = None  # gloo: rank 0's messages to the others (plans, model loads)
+
+    @property
+    def is_driver(self) -> bool:
+        """Rank 0 schedules, samples and tells the other ranks what to run."""
+        return self.rank == 0
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         if self.size == 1:
@@ -25,12 +36,20 @@ class TPGroup:
         return x
 
     def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
-        """Concatenate each rank's shard of the last dimension, in rank order."""
+        """Concatenate each rank's shard of the last dimension, in rank order, on every rank."""
         if self.size == 1:
             return x
         parts = [torch.empty_like(x) for _ in range(self.size)]
         dist.all_gather(parts, x.contiguous(), group=self.group)
         return torch.cat(parts, dim=-1)
+
+    def gather_last_dim(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Concatenate each rank's shard of the last dimension on rank 0; the other ranks get None."""
+        if self.size == 1:
+            return x
+        parts = [torch.empty_like(x) for _ in range(self.size)] if self.is_driver else None
+        dist.gather(x.contiguous(), parts, group=self.group, group_dst=0)
+        return torch.cat(parts, dim=-1) if parts is not None else None
 
 
 _TP = TPGroup()
@@ -49,3 +68,42 @@ def divide(numerator: int, denominator: int, what: str) -> int:
     if numerator % denominator:
         raise ValueError(f"{what} ({numerator}) is not divisible by the tensor-parallel size ({denominator})")
     return numerator // denominator
+
+
+def kv_head_range(num_kv_heads: int, tp: TPGroup) -> tuple[int, int]:
+    """(first key/value head, count) held by `tp.rank`.
+
+    Heads are split when the ranks divide them; with more ranks than heads (multi-query Falcon, or 2 KV heads on
+    4 ranks) each rank keeps a copy of the one head its query heads read:
+
+        8 kv heads, 2 ranks:  rank 0 → heads 0-3, rank 1 → heads 4-7
+        2 kv heads, 4 ranks:  ranks 0, 1 → head 0; ranks 2, 3 → head 1   (head = rank · kv / tp)
+    """
+    if num_kv_heads % tp.size == 0:
+        count = num_kv_heads // tp.size
+        return tp.rank * count, count
+    if tp.size % num_kv_heads == 0:
+        return tp.rank * num_kv_heads // tp.size, 1
+    raise ValueError(
+        f"key/value heads ({num_kv_heads}) cannot be shared by {tp.size} tensor-parallel ranks: the number of "
+        "ranks must divide the key/value heads or be a multiple of them"
+    )
+
+
+def check_tensor_parallel(config: ModelConfig, size: int) -> None:
+    """Refuse, before any rank starts, a tensor-parallel size the model's heads cannot be split into. (The
+    layers check their other dimensions, e.g. the MLP width, as they are built.)"""
+    if size < 1:
+        raise ValueError(f"the tensor-parallel size must be >= 1, got {size}")
+    if size == 1:
+        return
+    from loom.models.registry import supported_architectures
+
+    if config.architecture not in supported_architectures():
+        raise ValueError(f"{config.architecture} runs through the generic transformers path, which has no tensor "
+                         "parallelism; use one shard")
+    heads = config.num_attention_heads
+    if heads % size:
+        raise ValueError(f"{config.architecture} has {heads} attention heads, which {size} tensor-parallel shards "
+                         f"cannot split evenly; use a number of shards that divides {heads}")
+    kv_head_range(config.num_kv_heads, TPGroup(0, size))

@@ -5,7 +5,8 @@
 
 The loop drains incoming messages (without waiting while there is work), runs one step, and sends all requests'
 new tokens in one frame. A failure inside a step fails the requests of that step, frees their blocks and marks the
-engine unhealthy until a health probe succeeds; the process keeps serving.
+engine unhealthy until a health probe succeeds; the process keeps serving. The exception is a tensor-parallel
+failure (a rank died, or the ranks fell out of step): the process exits, and the launcher takes the server down.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 import zmq
 
 from loom import tracing
+from loom.distributed.comm import RankFailure
 from loom.engine.core import EngineCore
 from loom.protocol.messages import (
     AbortRequests,
@@ -122,6 +124,9 @@ class EngineServer:
         computed_before = sched.stats.num_computed_prompt_tokens
         try:
             outputs = self.engine.step()
+        except RankFailure:
+            logger.critical("tensor-parallel failure: stopping the engine")
+            raise
         except Exception as err:
             logger.exception("engine step failed")
             self._fail_running(f"Server error: {err}")

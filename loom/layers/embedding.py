@@ -37,9 +37,11 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class ParallelLMHead(VocabParallelEmbedding):
-    """Projects hidden states to vocabulary logits; each rank computes its vocabulary slice, then all-gather."""
+    """Projects hidden states to vocabulary logits; each rank computes its vocabulary slice, gathered on rank 0
+    (which alone samples)."""
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden, self.weight)
-        logits = self.tp.all_gather_last_dim(logits)
-        return logits[..., : self.vocab_size]
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """(N, hidden) → (N, vocab) on rank 0; None on the other ranks."""
+        logits = F.linear(hidden, self.weight)  # (N, vocab / tp)
+        logits = self.tp.gather_last_dim(logits)
+        return None if logits is None else logits[..., : self.vocab_size]

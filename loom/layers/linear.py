@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loom.distributed.parallel_state import divide, get_tp_group
+from loom.distributed.parallel_state import divide, get_tp_group, kv_head_range
 
 
 class CheckpointTensor(Protocol):
@@ -58,15 +58,16 @@ class ColumnParallelLinear(nn.Module):
     """y = x Wᵀ with W split by output rows: each rank produces its slice of the output features.
 
     `output_sizes` lists the logical sub-matrices fused into this one (e.g. gate and up); each is split across
-    ranks separately so rank r holds [gate_r; up_r].
+    ranks separately so rank r holds [gate_r; up_r]. `local_sizes` overrides the even split (replicated parts).
     """
 
-    def __init__(self, in_features: int, output_sizes: list[int], bias: bool = False):
+    def __init__(self, in_features: int, output_sizes: list[int], bias: bool = False,
+                 local_sizes: list[int] | None = None):
         super().__init__()
         tp = get_tp_group()
         self.tp = tp
         self.output_sizes = output_sizes
-        self.local_sizes = [divide(s, tp.size, "output features") for s in output_sizes]
+        self.local_sizes = local_sizes or [divide(s, tp.size, "output features") for s in output_sizes]
         local_out = sum(self.local_sizes)
         self.weight = _empty(local_out, in_features)
         self.bias = _empty(local_out) if bias else None
@@ -78,17 +79,21 @@ class ColumnParallelLinear(nn.Module):
     def _shard_offset(self, shard_id: int) -> int:
         return sum(self.local_sizes[:shard_id])
 
+    def _part_start(self, shard_id: int) -> int:
+        """First row of this rank's slice within logical part `shard_id`."""
+        return self.tp.rank * self.local_sizes[shard_id]
+
     def load_shard(self, param: nn.Parameter, weight: CheckpointTensor, shard_id: int | None = None) -> None:
         idx = 0 if shard_id is None else shard_id
         if shard_id is None and len(self.output_sizes) > 1:
             # An already-fused checkpoint tensor (e.g. Phi-3's gate_up_proj): load each part in turn.
             for i, size in enumerate(self.output_sizes):
-                start = sum(self.output_sizes[:i]) + self.tp.rank * self.local_sizes[i]
+                start = sum(self.output_sizes[:i]) + self._part_start(i)
                 part = weight.narrow(0, start, self.local_sizes[i])
                 copy_checked(param.data.narrow(0, self._shard_offset(i), self.local_sizes[i]), part, "fused shard")
             return
         local = self.local_sizes[idx]
-        src = weight.narrow(0, self.tp.rank * local, local)
+        src = weight.narrow(0, self._part_start(idx), local)
         copy_checked(param.data.narrow(0, self._shard_offset(idx), local), src, f"column shard {idx}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -96,16 +101,24 @@ class ColumnParallelLinear(nn.Module):
 
 
 class QKVParallelLinear(ColumnParallelLinear):
-    """Fused q, k and v projections; shard ids "q", "k", "v". Heads are split across ranks."""
+    """Fused q, k and v projections; shard ids "q", "k", "v". Query heads are split across ranks; key/value heads
+    too, or, with more ranks than key/value heads, each rank keeps the one its query heads read
+    (`parallel_state.kv_head_range`)."""
 
     SHARDS = {"q": 0, "k": 1, "v": 2}
 
     def __init__(self, hidden: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool = False):
         tp = get_tp_group()
-        divide(num_heads, tp.size, "attention heads")
-        divide(num_kv_heads, tp.size, "key/value heads")
-        super().__init__(hidden, [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], bias)
+        local_heads = divide(num_heads, tp.size, "attention heads")
+        kv_start, local_kv_heads = kv_head_range(num_kv_heads, tp)
+        super().__init__(hidden, [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], bias,
+                         local_sizes=[local_heads * head_dim, local_kv_heads * head_dim, local_kv_heads * head_dim])
+        self.head_dim, self.kv_start = head_dim, kv_start
+        self.num_heads, self.num_kv_heads = local_heads, local_kv_heads  # this rank's
         self.q_size, self.kv_size = self.local_sizes[0], self.local_sizes[1]
+
+    def _part_start(self, shard_id: int) -> int:
+        return super()._part_start(0) if shard_id == 0 else self.kv_start * self.head_dim
 
     def load_shard(self, param: nn.Parameter, weight: CheckpointTensor, shard_id: str | int | None = None) -> None:
         super().load_shard(param, weight, self.SHARDS.get(shard_id, shard_id))  # type: ignore[arg-type]

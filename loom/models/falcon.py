@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loom.config import ModelConfig
-from loom.distributed.parallel_state import get_tp_group
+from loom.distributed.parallel_state import get_tp_group, kv_head_range
 from loom.layers.activation import get_activation
 from loom.layers.attention import Attention
 from loom.layers.embedding import ParallelLMHead, VocabParallelEmbedding
@@ -69,7 +69,7 @@ class FalconAttention(nn.Module):
         hf, tp = cfg.hf_config, get_tp_group()
         hidden, head_dim, bias = int(hf["hidden_size"]), cfg.head_dim, bool(hf.get("bias", False))
         self.num_heads = cfg.num_attention_heads // tp.size
-        self.num_kv_heads = cfg.num_kv_heads // tp.size
+        self.num_kv_heads = kv_head_range(cfg.num_kv_heads, tp)[1]
         self.head_dim = head_dim
         self.query_key_value = FalconQKV(hidden, head_dim, cfg.num_attention_heads, cfg.num_kv_heads, bias=bias)
         self.dense = RowParallelLinear(hidden, hidden, bias=bias)
@@ -167,7 +167,7 @@ class FalconForCausalLM(nn.Module):
         """(T,) ids and positions → (T, hidden) final hidden states."""
         return self.transformer(input_ids, positions)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         return self.lm_head.compute_logits(hidden)
 
     def _qkv_parts(self, tensor: CheckpointTensor) -> dict[str, FusedPartView]:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from loom.config import ModelConfig
-from loom.distributed.parallel_state import get_tp_group
+from loom.distributed.parallel_state import get_tp_group, kv_head_range
 from loom.layers.activation import get_activation
 from loom.layers.attention import Attention
 from loom.layers.embedding import ParallelLMHead, VocabParallelEmbedding
@@ -38,7 +38,7 @@ class GemmaAttention(nn.Module):
         hf, tp = cfg.hf_config, get_tp_group()
         hidden, head_dim = int(hf["hidden_size"]), cfg.head_dim
         self.num_heads = cfg.num_attention_heads // tp.size
-        self.num_kv_heads = cfg.num_kv_heads // tp.size
+        self.num_kv_heads = kv_head_range(cfg.num_kv_heads, tp)[1]
         self.head_dim = head_dim
         bias = bool(hf.get("attention_bias", False))
         self.qkv_proj = QKVParallelLinear(hidden, head_dim, cfg.num_attention_heads, cfg.num_kv_heads, bias=bias)
@@ -170,8 +170,9 @@ class Gemma2ForCausalLM(nn.Module):
         """(T,) ids and positions → (T, hidden) final hidden states."""
         return self.model(input_ids, positions)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return softcap(self.lm_head.compute_logits(hidden), self.final_softcap)
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        logits = self.lm_head.compute_logits(hidden)  # None on tensor-parallel ranks other than 0
+        return None if logits is None else softcap(logits, self.final_softcap)
 
     def load_weights(self, weights: Iterable[tuple[str, CheckpointTensor]]) -> dict[str, set]:
         """Copy checkpoint tensors into parameters; returns each loaded parameter's shard ids. Unknown names raise."""

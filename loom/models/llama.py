@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loom.config import ModelConfig
-from loom.distributed.parallel_state import get_tp_group
+from loom.distributed.parallel_state import get_tp_group, kv_head_range
 from loom.layers.attention import Attention
 from loom.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from loom.layers.linear import CheckpointTensor, ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
@@ -50,7 +50,7 @@ class LlamaAttention(nn.Module):
         hf, tp = cfg.hf_config, get_tp_group()
         hidden, head_dim = int(hf["hidden_size"]), cfg.head_dim
         self.num_heads = cfg.num_attention_heads // tp.size
-        self.num_kv_heads = cfg.num_kv_heads // tp.size
+        self.num_kv_heads = kv_head_range(cfg.num_kv_heads, tp)[1]
         self.head_dim = head_dim
         bias = bool(hf.get("attention_bias", False))
         self.qkv_proj = QKVParallelLinear(
@@ -145,7 +145,7 @@ class LlamaForCausalLM(nn.Module):
         """(T,) ids and positions → (T, hidden) final hidden states."""
         return self.model(input_ids, positions)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         return self.lm_head.compute_logits(hidden)
 
     def load_weights(self, weights: Iterable[tuple[str, CheckpointTensor]]) -> dict[str, set]:

@@ -84,7 +84,7 @@ class MoeForCausalLM(nn.Module):
         """(T,) ids and positions → (T, hidden) final hidden states."""
         return self.model(input_ids, positions)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         return self.lm_head.compute_logits(hidden)
 
     def _target(self, name: str) -> tuple[str, object]:

@@ -50,7 +50,8 @@ class Olmo2Attention(nn.Module):
         hf, tp = cfg.hf_config, get_tp_group()
         hidden, head_dim = int(hf["hidden_size"]), cfg.head_dim
         self.num_heads = cfg.num_attention_heads // tp.size
-        self.num_kv_heads = cfg.num_kv_heads // tp.size
+        # NOTE: not replicated across ranks (kv_head_range): k_norm's mean runs over every key head, once each.
+        self.num_kv_heads = divide(cfg.num_kv_heads, tp.size, "key/value heads of OLMo 2")
         self.head_dim = head_dim
         bias = bool(hf.get("attention_bias", False))
         self.qkv_proj = QKVParallelLinear(hidden, head_dim, cfg.num_attention_heads, cfg.num_kv_heads, bias=bias)
@@ -118,7 +119,7 @@ class Olmo2ForCausalLM(nn.Module):
         """(T,) ids and positions → (T, hidden) final hidden states."""
         return self.model(input_ids, positions)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         return self.lm_head.compute_logits(hidden)
 
     def load_weights(self, weights: Iterable[tuple[str, CheckpointTensor]]) -> dict[str, set]:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from loom.config import ModelConfig
-from loom.distributed.parallel_state import get_tp_group
+from loom.distributed.parallel_state import get_tp_group, kv_head_range
 from loom.layers.attention import Attention
 from loom.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from loom.layers.linear import CheckpointTensor, QKVParallelLinear, RowParallelLinear
@@ -47,7 +47,7 @@ class Phi3Attention(nn.Module):
         tp = get_tp_group()
         hidden, head_dim = int(cfg.get("hidden_size")), cfg.head_dim
         self.num_heads = cfg.num_attention_heads // tp.size
-        self.num_kv_heads = cfg.num_kv_heads // tp.size
+        self.num_kv_heads = kv_head_range(cfg.num_kv_heads, tp)[1]
         self.head_dim = head_dim
         # The checkpoint's qkv_proj is [q; k; v] fused; the loader cuts each rank's heads out of every part.
         self.qkv_proj = QKVParallelLinear(hidden, head_dim, cfg.num_attention_heads, cfg.num_kv_heads)
@@ -111,7 +111,7 @@ class Phi3ForCausalLM(nn.Module):
         """(T,) ids and positions → (T, hidden) final hidden states."""
         return self.model(input_ids, positions)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         return self.lm_head.compute_logits(hidden)
 
     def load_weights(self, weights: Iterable[tuple[str, CheckpointTensor]]) -> dict[str, set]:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from loom.config import ModelConfig
-from loom.distributed.parallel_state import get_tp_group
+from loom.distributed.parallel_state import get_tp_group, kv_head_range
 from loom.layers.activation import get_activation
 from loom.layers.attention import Attention
 from loom.layers.embedding import ParallelLMHead, VocabParallelEmbedding
@@ -25,7 +25,7 @@ class Starcoder2Attention(nn.Module):
         hf, tp = cfg.hf_config, get_tp_group()
         hidden, head_dim, bias = int(hf["hidden_size"]), cfg.head_dim, bool(hf.get("use_bias", True))
         self.num_heads = cfg.num_attention_heads // tp.size
-        self.num_kv_heads = cfg.num_kv_heads // tp.size
+        self.num_kv_heads = kv_head_range(cfg.num_kv_heads, tp)[1]
         self.head_dim = head_dim
         self.qkv_proj = QKVParallelLinear(hidden, head_dim, cfg.num_attention_heads, cfg.num_kv_heads, bias=bias)
         self.o_proj = RowParallelLinear(cfg.num_attention_heads * head_dim, hidden, bias=bias)
@@ -113,7 +113,7 @@ class Starcoder2ForCausalLM(nn.Module):
         """(T,) ids and positions → (T, hidden) final hidden states."""
         return self.model(input_ids, positions)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         return self.lm_head.compute_logits(hidden)
 
     def load_weights(self, weights: Iterable[tuple[str, CheckpointTensor]]) -> dict[str, set]:

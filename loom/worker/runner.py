@@ -1,18 +1,29 @@
 """Executes a StepPlan: builds the flattened batch and attention metadata, runs the model, returns logits.
 
 Owns the model weights and the KV cache tensors of this rank. Knows nothing about requests' sampling or stopping.
+
+With tensor parallelism the runner is where the ranks meet: rank 0's runner sends each model load and each plan to
+the other ranks (`worker/tp_worker.py` runs their loop) before running its own shard, so the engine above it is
+the same whatever the number of ranks.
 """
 
 from __future__ import annotations
 
+import logging
+
 import torch
+import torch.distributed as dist
 
 from loom.config import ModelConfig
-from loom.distributed.parallel_state import get_tp_group
-from loom.layers.kernels import paged_decode_cpu
+from loom.distributed.comm import RankFailure, broadcast_message
+from loom.distributed.parallel_state import get_tp_group, kv_head_range
 from loom.layers.forward_context import AttentionMetadata, ForwardContext, PrefillSpan, forward_context
+from loom.layers.kernels import paged_decode_cpu
 from loom.models.loader import load_model
+from loom.protocol import shard
 from loom.protocol.plan import SeqPlan, StepPlan
+
+logger = logging.getLogger(__name__)
 
 
 class ModelRunner:
@@ -20,8 +31,18 @@ class ModelRunner:
         self.model_config = model_config
         self.device = torch.device(device)
         self.block_size = block_size
+        self.tp = get_tp_group()
+        if self.tp.size > 1 and self.tp.is_driver:
+            dtype = str(model_config.dtype).removeprefix("torch.")
+            self._send(shard.LoadModel(str(model_config.path), dtype, model_config.architecture, num_blocks,
+                                       block_size))
         self.model = load_model(model_config, self.device)
-        kv_heads = model_config.num_kv_heads // get_tp_group().size
+        self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        self.rank_weight_bytes = self._gather_weight_bytes()  # also the point where every rank has its shard
+        if self.tp.size > 1 and self.tp.is_driver:
+            logger.info("tensor parallel over %d ranks; weights per rank: %s MB", self.tp.size,
+                        ", ".join(f"{b / 1e6:.1f}" for b in self.rank_weight_bytes))
+        kv_heads = kv_head_range(model_config.num_kv_heads, self.tp)[1]
         shape = (2, num_blocks * block_size, kv_heads, model_config.head_dim)
         # Zeroed, not empty: padded decode rows read slot 0 under a mask, and 0 × garbage could be NaN.
         self.kv_caches = [
@@ -31,10 +52,39 @@ class ModelRunner:
         if self.device.type == "cpu":
             paged_decode_cpu.load()  # compile (or load the cached build) now rather than in the first step
 
+    def _send(self, msg: shard.Message) -> None:
+        broadcast_message(self.tp, *shard.encode(msg))
+
+    def _gather_weight_bytes(self) -> list[int]:
+        """Every rank's parameter bytes, in rank order (logged at start-up; tests check the shards' sizes)."""
+        if self.tp.size == 1:
+            return [self.weight_bytes]
+        mine = torch.tensor([self.weight_bytes], dtype=torch.int64)
+        parts = [torch.empty_like(mine) for _ in range(self.tp.size)]
+        try:
+            dist.all_gather(parts, mine, group=self.tp.control)
+        except RuntimeError as err:
+            raise RankFailure(f"a tensor-parallel rank failed to load its shard: {err}") from err
+        return [int(p) for p in parts]
+
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> torch.Tensor:
-        """Run one step. Returns float32 logits in plan order: every position of `all_logits` seqs, the last
-        position of other sampling seqs, nothing for the rest."""
+        """Run one step (on rank 0: for every rank). Returns float32 logits in plan order: every position of
+        `all_logits` seqs, the last position of other sampling seqs, nothing for the rest."""
+        if self.tp.size == 1:
+            return self.forward(plan)  # type: ignore[return-value]
+        self._send(plan)
+        try:
+            logits = self.forward(plan)
+        except Exception as err:
+            # The other ranks may be waiting in a collective this rank never reached: the group is out of step.
+            raise RankFailure(f"tensor-parallel step failed on rank 0: {err}") from err
+        assert logits is not None
+        return logits
+
+    @torch.inference_mode()
+    def forward(self, plan: StepPlan) -> torch.Tensor | None:
+        """This rank's part of one step; the logits (see `execute`) on rank 0, None on the others."""
         decodes = [s for s in plan.seqs if len(s.token_ids) == 1 and s.start > 0]
         prefills = [s for s in plan.seqs if not (len(s.token_ids) == 1 and s.start > 0)]
         ordered = decodes + prefills
@@ -56,7 +106,8 @@ class ModelRunner:
                 rows.append(start + n - 1)
         if not rows:
             return torch.empty(0, self.model_config.vocab_size)
-        return self.model.compute_logits(hidden[rows]).float()
+        logits = self.model.compute_logits(hidden[rows])  # gathered to rank 0
+        return None if logits is None else logits.float()
 
     def _slots(self, block_ids: list[int], num_positions: int) -> torch.Tensor:
         blocks = torch.tensor(block_ids, dtype=torch.long, device=self.device)

@@ -155,44 +155,30 @@ def test_original_gpt2_checkpoint_names(checkpoint, tmp_path):
 
 # --- tensor parallelism: two gloo ranks, each holding half of the heads ---------------------------------------
 
-TP_VARIANTS = ["gpt2", "pythia", "falcon-40b"]
+TP_VARIANTS = ["gpt2", "pythia", "falcon-40b", "falcon-7b"]  # falcon-7b: one KV head, replicated on both ranks
 
 
-def _tp_worker(rank: int, world: int, port: int, paths: list[str], expected: list[torch.Tensor], ids: list[int]):
-    import torch.distributed as dist
-
-    from loom.config import ModelConfig
-    from loom.distributed.parallel_state import TPGroup, set_tp_group
-    from loom.engine.kv.kv_manager import KVCacheManager
-    from loom.testing.parity import paged_logits
-    from loom.worker.runner import ModelRunner
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        set_tp_group(TPGroup(rank, world, dist.group.WORLD))
-        for path, want in zip(paths, expected):
-            runner = ModelRunner(ModelConfig.from_dir(path, "float32"), num_blocks=4, block_size=16)
-            for chunk in (len(ids), 1):
-                got = paged_logits(runner, KVCacheManager(4, 16, False), ids, chunk)
-                diff = (got - want).abs().max().item()
-                assert diff <= 1e-4, f"rank {rank}, {path}, chunk {chunk}: max abs diff {diff}"
-    finally:
-        dist.destroy_process_group()
-
-
-@pytest.mark.slow  # two spawned processes: ~10 s of start-up
+@pytest.mark.slow  # a spawned second rank: a few seconds of start-up
 def test_tensor_parallel_splits_fused_heads(checkpoint):
-    import socket
-
-    import torch.multiprocessing as mp
-
-    from loom.testing.parity import hf_model
+    """This process is rank 0 of a two-rank group: its runner sends each model load and plan to the spawned rank,
+    and gets the logits gathered from both vocabulary halves."""
+    from loom.config import ModelConfig
+    from loom.engine.kv.kv_manager import KVCacheManager
+    from loom.testing.parity import hf_model, paged_logits
+    from loom.worker.runner import ModelRunner
+    from loom.worker.tp_worker import LocalRanks
 
     paths = [str(checkpoint(name)) for name in TP_VARIANTS]
     ids = torch.randint(0, 50257, (40,), generator=torch.Generator().manual_seed(5)).tolist()
     with torch.no_grad():
         expected = [hf_model(p)(torch.tensor([ids])).logits[0].float() for p in paths]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_tp_worker, args=(2, port, paths, expected, ids), nprocs=2, join=True)
+    ranks = LocalRanks(2)
+    try:
+        for path, want in zip(paths, expected):
+            runner = ModelRunner(ModelConfig.from_dir(path, "float32"), num_blocks=4, block_size=16)
+            for chunk in (len(ids), 1):
+                got = paged_logits(runner, KVCacheManager(4, 16, False), ids, chunk)
+                diff = (got - want).abs().max().item()
+                assert diff <= 1e-4, f"{path}, chunk {chunk}: max abs diff {diff}"
+    finally:
+        ranks.close()
