@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import itertools
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Union
+from typing import Self, Union
 
 import torch
 from tqdm.auto import tqdm
 
-from loom.config import EngineConfig
+from loom.config import EngineConfig, ModelConfig
+from loom.distributed.parallel_state import check_tensor_parallel, get_tp_group
 from loom.engine.core import EngineCore
 from loom.sampling_params import SamplingParams
 
@@ -36,12 +38,47 @@ class LLM:
 
     >>> llm = LLM("path/to/model")
     >>> llm.generate(["Hello"], SamplingParams(max_new_tokens=8))[0].text
+
+    `tensor_parallel_size=N` shards the model over this process (rank 0: scheduling, sampling) and N-1 spawned
+    processes (multiprocessing "spawn": a script that creates the LLM needs an `if __name__ == "__main__":` guard).
+    They stop on `close()`, at the end of a `with` block, or when the LLM is garbage-collected or Python exits.
     """
 
-    def __init__(self, model: str | Path, dtype: str | torch.dtype = "auto", device: str = "cpu", **engine_args):
-        self.engine = EngineCore(model, dtype, EngineConfig(**engine_args), device)
+    def __init__(self, model: str | Path, dtype: str | torch.dtype = "auto", device: str = "cpu",
+                 tensor_parallel_size: int = 1, **engine_args):
+        self._ranks = None
+        if tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {tensor_parallel_size}")
+        if tensor_parallel_size > 1 or get_tp_group().size > 1:
+            self._start_ranks(model, dtype, device, tensor_parallel_size)
+        try:
+            self.engine = EngineCore(model, dtype, EngineConfig(**engine_args), _rank0_device(device))
+        except BaseException:
+            self.close()
+            raise
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()
+
+    def _start_ranks(self, model: str | Path, dtype: str | torch.dtype, device: str, size: int) -> None:
+        from loom.worker.tp_worker import LocalRanks
+
+        if get_tp_group().size > 1:
+            raise RuntimeError("this process already takes part in a tensor-parallel group (another LLM with "
+                               "tensor_parallel_size > 1 is open); close it first")
+        check_tensor_parallel(ModelConfig.from_dir(model, dtype), size)
+        ranks = LocalRanks(size, device)
+        self._ranks = weakref.finalize(self, ranks.close)
+
+    def close(self) -> None:
+        """Stop the tensor-parallel ranks (if any). The LLM cannot generate afterwards."""
+        if self._ranks is not None:
+            self._ranks()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def generate(
         self,
@@ -109,3 +146,9 @@ def _as_param_list(params: SamplingParams | Sequence[SamplingParams] | None, n: 
     if len(params) != n:
         raise ValueError(f"got {len(params)} SamplingParams for {n} prompts")
     return params
+
+
+def _rank0_device(device: str) -> str:
+    from loom.worker.tp_worker import rank_device
+
+    return rank_device(device, 0) if get_tp_group().size > 1 else device
