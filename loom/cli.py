@@ -11,7 +11,8 @@ USAGE = """usage: loom <command> [options]
 commands:
   launch     serve a model with TGI's HTTP API (same flags as text-generation-launcher); `loom launch --help`
   bench      load-test a TGI/OpenAI-compatible server (TTFT, TPOT, throughput); `loom bench --help`
-  engine     (internal) run the engine process of a launched server
+  shard      run one tensor-parallel rank > 0 that joins a server's engine (multi-node); `loom shard --help`
+  engine     (internal) run the engine process (rank 0) of a launched server
   router     (internal) run the HTTP router process of a launched server
 """
 
@@ -30,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
         from loom.bench.cli import main as bench_main
 
         return bench_main(rest)
+    if command == "shard":
+        return run_shard(rest)
     if command in ("engine", "router"):
         ap = argparse.ArgumentParser(prog=f"loom {command}")
         ap.add_argument("--config", required=True, help="run config written by the launcher")
@@ -56,11 +59,59 @@ def run_engine(config: dict) -> int:
     setup_logging(config["json_output"])
     name = config["otlp_service_name"]
     tracing.setup(config["otlp_endpoint"], name.removesuffix(".router") + ".server")
-    engine = EngineCore(config["model_dir"], config["dtype"], EngineConfig(**config["engine"]))
+    world = config.get("num_shard", 1)
+    if world > 1:
+        from loom.distributed.comm import DistributedConfig, init_distributed
+
+        init_distributed(DistributedConfig(0, world, config["master_addr"], config["master_port"], 0,
+                                           config["local_shards"]))
     try:
+        engine = EngineCore(config["model_dir"], config["dtype"], EngineConfig(**config["engine"]))
         serve(engine, config["endpoint"])
     finally:
         tracing.shutdown()
+        if world > 1:
+            _stop_shards()
+    return 0
+
+
+def _stop_shards() -> None:
+    """Rank 0 leaving: the other ranks stop too (if the group still works: a dead peer is why we may be here)."""
+    from loom.distributed.comm import RankFailure, destroy_distributed
+    from loom.worker.tp_worker import stop_workers
+
+    try:
+        stop_workers()
+    except RankFailure:
+        pass
+    destroy_distributed()
+
+
+def run_shard(argv: list[str]) -> int:
+    """A tensor-parallel rank > 0: joins rank 0's group (torchrun's RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT,
+    LOCAL_RANK environment variables) and runs its shard of whatever model rank 0 loads."""
+    import os
+
+    from loom.distributed.comm import DistributedConfig
+    from loom.logs import setup_logging
+    from loom.worker.tp_worker import serve_rank
+
+    ap = argparse.ArgumentParser(prog="loom shard", description=run_shard.__doc__)
+    ap.add_argument("--model-id", default=None, help="this host's copy of the model: a local directory or a Hub id "
+                    "(default: rank 0's path, which must then exist here too)")
+    ap.add_argument("--revision", default=None, help="Hub revision of --model-id")
+    ap.add_argument("--json-output", action="store_true", help="log one JSON object per line")
+    args = ap.parse_args(argv)
+    setup_logging(args.json_output or os.environ.get("JSON_OUTPUT", "").lower() in ("1", "true"))
+    config = DistributedConfig.from_env()
+    if config.rank == 0:
+        raise SystemExit("error: `loom shard` runs ranks > 0; rank 0 is the engine that `loom launch` starts")
+    model_dir = None
+    if args.model_id is not None:
+        from loom.launcher import resolve_model
+
+        model_dir = str(resolve_model(args.model_id, args.revision)[1])
+    serve_rank(config, model_dir=model_dir)
     return 0
 
 

@@ -1,10 +1,12 @@
 """`loom launch`: resolve the model, start the engine and router processes, wait until they serve, supervise them,
-and tear everything down in order on a signal or when either dies.
+and tear everything down in order on a signal or when any of them dies.
 
-    launcher ──spawn──▶ engine process  (loom.cli engine --config run.json)
+    launcher ──spawn──▶ engine process  (loom.cli engine --config run.json)       tensor-parallel rank 0
+             ──spawn──▶ shard processes (loom.cli shard, RANK=1..N-1 in the env)  only with --num-shard N > 1
              ──spawn──▶ router process  (loom.cli router --config run.json)
-Both children read one frozen run config the launcher writes. The engine endpoint is an ipc socket in a
-directory unique to this launcher, so several servers can run on one machine.
+The engine and router read one frozen run config the launcher writes; shards get torchrun's environment variables
+(RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, LOCAL_RANK) and follow rank 0. The engine endpoint is an ipc socket
+in a directory unique to this launcher, so several servers can run on one machine.
 """
 
 from __future__ import annotations
@@ -23,12 +25,13 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from loom.config import EngineConfig
+from loom.config import EngineConfig, ModelConfig
 from loom.router.config import RouterConfig
 
 logger = logging.getLogger("loom.launcher")
 READY_POLL_SECONDS = 0.25
 SHUTDOWN_SLACK_SECONDS = 10
+FAILURE_GRACE_SECONDS = 5  # after a child died: the others get this long to exit on SIGTERM, then SIGKILL
 
 
 def resolve_model(model_id: str | None, revision: str | None) -> tuple[str, Path]:
@@ -80,14 +83,38 @@ def build_run_config(args: dict[str, Any], model_id: str, model_dir: Path, run_d
         "engine": asdict(engine), "router": asdict(router), "prometheus_port": args["prometheus_port"],
         "graceful_termination_timeout": args["graceful_termination_timeout"], "json_output": bool(args["json_output"]),
         "otlp_endpoint": args["otlp_endpoint"], "otlp_service_name": args["otlp_service_name"],
+        "num_shard": args["num_shard"], "local_shards": args["local_shards"], "master_addr": args["master_addr"],
+        "master_port": args["master_port"],
     }
+
+
+def check_shards(args: dict[str, Any], model_dir: Path) -> None:
+    """Refuse a shard count the model cannot be split into before starting any process."""
+    from loom.distributed.parallel_state import check_tensor_parallel
+
+    if args["num_shard"] == 1:
+        return
+    try:
+        check_tensor_parallel(ModelConfig.from_dir(model_dir), args["num_shard"])
+    except ValueError as err:
+        raise SystemExit(f"error: --num-shard {args['num_shard']}: {err}") from err
+
+
+def describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
 
 
 class Launcher:
     def __init__(self, args: dict[str, Any]):
         self.args = args
-        self.children: dict[str, subprocess.Popen] = {}
+        self.children: dict[str, subprocess.Popen] = {}  # in start order: engine rank(s), then the router
         self.stopping = False
+        self.failed = False
         self.run_dir = Path(tempfile.mkdtemp(prefix="loom-"))
 
     def run(self) -> int:
@@ -95,30 +122,51 @@ class Launcher:
         signal.signal(signal.SIGINT, self._on_signal)
         try:
             model_id, model_dir = resolve_model(self.args["model_id"], self.args["revision"])
+            check_shards(self.args, model_dir)
             config = build_run_config(self.args, model_id, model_dir, self.run_dir)
             config_path = self.run_dir / "run.json"
             config_path.write_text(json.dumps(config, indent=2))
-            self._spawn("engine", config_path)
-            self._spawn("router", config_path)
+            self._spawn_engine(config_path)
+            self._spawn("router", ["router", "--config", str(config_path)])
             return self._supervise(f"http://127.0.0.1:{self.args['port']}/health")
         finally:
             self._shutdown()
             shutil.rmtree(self.run_dir, ignore_errors=True)
 
-    def _spawn(self, role: str, config_path: Path) -> None:
-        cmd = [sys.executable, "-m", "loom.cli", role, "--config", str(config_path)]
+    def _spawn_engine(self, config_path: Path) -> None:
+        """Rank 0 (the engine), then this host's other ranks as `loom shard` processes."""
+        world, local = self.args["num_shard"], self.args["local_shards"]
+        if world == 1:
+            self._spawn("engine", ["engine", "--config", str(config_path)])
+            return
+        self._spawn("engine rank 0", ["engine", "--config", str(config_path)])
+        for rank in range(1, local):
+            env = {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
+                   "LOCAL_WORLD_SIZE": str(local), "MASTER_ADDR": self.args["master_addr"],
+                   "MASTER_PORT": str(self.args["master_port"])}
+            shard_args = ["shard", "--json-output"] if self.args["json_output"] else ["shard"]
+            self._spawn(f"engine rank {rank}", shard_args, env)
+        if local < world:
+            missing = f"rank {local}" if local == world - 1 else f"ranks {local}..{world - 1}"
+            logger.info("waiting for %s to join at %s:%d (`loom shard` on their hosts)", missing,
+                        self.args["master_addr"], self.args["master_port"])
+
+    def _spawn(self, role: str, args: list[str], env: dict[str, str] | None = None) -> None:
+        cmd = [sys.executable, "-m", "loom.cli", *args]
         # Own process group: a Ctrl-C in the terminal reaches the launcher only, which then stops children in order.
-        self.children[role] = subprocess.Popen(cmd, start_new_session=True)
+        self.children[role] = subprocess.Popen(cmd, start_new_session=True,
+                                               env={**os.environ, **env} if env else None)
         logger.info("started %s (pid %d)", role, self.children[role].pid)
 
     def _supervise(self, health_url: str) -> int:
         ready = False
         while not self.stopping:
-            for role, proc in self.children.items():
-                code = proc.poll()
-                if code is not None:
-                    logger.error("%s exited unexpectedly with code %s; shutting down", role, code)
-                    return 1
+            dead = [(role, proc.returncode) for role, proc in self.children.items() if proc.poll() is not None]
+            if dead:
+                for role, code in dead:
+                    logger.error("%s exited unexpectedly (%s); shutting down", role, describe_exit(code))
+                self.failed = True
+                return 1
             if not ready and _healthy(health_url):
                 ready = True
                 logger.info("Loom is ready on http://%s:%d", self.args["hostname"], self.args["port"])
@@ -130,21 +178,44 @@ class Launcher:
         self.stopping = True
 
     def _shutdown(self) -> None:
-        """Router first (it drains: in-flight requests finish within the graceful timeout), then the engine."""
+        """Router first (it drains: in-flight requests finish within the graceful timeout), then the engine (rank 0,
+        which tells the other ranks to stop), then any other rank still running. After a child died there is nothing
+        to drain: every child gets SIGTERM at once and a few seconds."""
+        if self.failed:
+            self._stop(list(self.children), FAILURE_GRACE_SECONDS)
+            return
         timeout = self.args["graceful_termination_timeout"]
-        for role in ("router", "engine"):
-            proc = self.children.get(role)
-            if proc is None or proc.poll() is not None:
-                continue
-            proc.send_signal(signal.SIGTERM)
-            try:
-                # the router may use the whole timeout to drain, plus a few seconds to close connections
-                proc.wait(timeout + SHUTDOWN_SLACK_SECONDS)
-            except subprocess.TimeoutExpired:
+        ranks = [role for role in self.children if role != "router"]
+        # the router may use the whole timeout to drain, plus a few seconds to close connections
+        self._stop(["router"], timeout + SHUTDOWN_SLACK_SECONDS)
+        self._stop(ranks[:1], timeout + SHUTDOWN_SLACK_SECONDS)
+        self._stop(ranks[1:], SHUTDOWN_SLACK_SECONDS, signal_first=False)
+
+    def _stop(self, roles: list[str], timeout: float, signal_first: bool = True) -> None:
+        """Stop these children together: SIGTERM (or, for ranks that exit by themselves, a wait first), then
+        SIGKILL for any still running at the deadline."""
+        procs = {r: self.children[r] for r in roles if r in self.children and self.children[r].poll() is None}
+        if signal_first:
+            for proc in procs.values():
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for role, proc in procs.items():
+            if not _wait(proc, deadline) and not signal_first:
+                proc.send_signal(signal.SIGTERM)  # a rank that did not follow rank 0's shutdown
+                _wait(proc, time.monotonic() + 1)
+            if proc.poll() is None:
                 logger.warning("%s did not exit within %ss; killing it", role, timeout)
                 proc.kill()
                 proc.wait()
             logger.info("%s exited with code %s", role, proc.returncode)
+
+
+def _wait(proc: subprocess.Popen, deadline: float) -> bool:
+    try:
+        proc.wait(max(0.0, deadline - time.monotonic()))
+        return True
+    except subprocess.TimeoutExpired:
+        return False
 
 
 def _healthy(url: str) -> bool:

@@ -27,8 +27,12 @@ SUPPORTED: list[tuple[str, Any, Any, str]] = [
     ("--model-id", str, None, "Hub id or local directory of the model. Default: a small random-weight demo model"),
     ("--revision", str, None, "Hub revision (branch, tag or commit) to download"),
     ("--dtype", str, None, "float32, bfloat16 or float16 (default: the checkpoint's dtype)"),
-    ("--num-shard", int, None, "Number of tensor-parallel engine ranks (only 1 for now)"),
-    ("--sharded", _bool, None, "Shard the model (requires --num-shard > 1)"),
+    ("--num-shard", int, None, "Number of tensor-parallel engine ranks (torch.distributed: gloo on CPU); "
+                               "default 1"),
+    ("--sharded", _bool, None, "Shard the model (true requires --num-shard > 1)"),
+    ("--local-shards", int, None, "Loom extension for multi-node: how many of the --num-shard ranks this launcher "
+                                  "starts (ranks 0..n-1; default all). The others join from other hosts with "
+                                  "`loom shard`, see docs/tensor-parallelism.md"),
     ("--hostname", str, "0.0.0.0", "IP address to listen on"),
     ("--port", int, 3000, "HTTP port"),
     ("--prometheus-port", int, 9000, "Port of the separate Prometheus /metrics listener"),
@@ -136,6 +140,19 @@ def resolve(argv: list[str] | None = None, environ: dict[str, str] | None = None
     return _check(out, environ)
 
 
+def _num_shard(sharded: bool | None, num_shard: int | None) -> int:
+    """TGI's rules, except that with no --num-shard Loom (which runs on CPU) does not count GPUs: one rank."""
+    if sharded and num_shard is None:
+        raise SystemExit("error: `sharded` is true but `num_shard` is not set (Loom does not count devices: "
+                         "pass --num-shard)")
+    if sharded and num_shard <= 1:
+        raise SystemExit("error: `sharded` is true but `num_shard` <= 1")
+    num_shard = 1 if num_shard is None else num_shard
+    if num_shard < 1:
+        raise SystemExit("error: `num_shard` cannot be < 1")
+    return num_shard
+
+
 def _check(args: dict[str, Any], environ: dict[str, str]) -> dict[str, Any]:
     if args["max_input_length"] is not None:
         if args["max_input_tokens"] is not None:
@@ -147,9 +164,11 @@ def _check(args: dict[str, Any], environ: dict[str, str]) -> dict[str, Any]:
         # TGI's quirk kept: HOSTNAME is usually the machine's name in the environment, not an address.
         logger.warning("invalid hostname %r, defaulting to 0.0.0.0", args["hostname"])
         args["hostname"] = "0.0.0.0"
-    num_shard = args["num_shard"] or 1
-    if num_shard > 1 or args["sharded"]:
-        raise SystemExit("error: tensor parallelism (--num-shard > 1 / --sharded) is not implemented yet")
+    args["num_shard"] = _num_shard(args["sharded"], args["num_shard"])
+    local = args["local_shards"]
+    args["local_shards"] = args["num_shard"] if local is None else local
+    if not 1 <= args["local_shards"] <= args["num_shard"]:
+        raise SystemExit(f"error: `local_shards` must be between 1 and `num_shard` ({args['num_shard']})")
     if args["validation_workers"] <= 0:
         raise SystemExit("error: `validation_workers` must be > 0")
     if args["max_batch_size"] == 0:

@@ -41,7 +41,6 @@ def test_legacy_max_input_length():
     ([], {"QUANTIZE": "gptq"}, "--quantize is not supported"),
     (["--speculate", "2"], {}, "--speculate is not supported"),
     (["--trust-remote-code"], {}, "remote code is never executed"),
-    (["--num-shard", "2"], {}, "tensor parallelism"),
     (["--lora-adapters", "a"], {}, "LoRA"),
 ])
 def test_unsupported_flags_are_refused(argv, env, message):
@@ -55,3 +54,26 @@ def test_hostname_quirk_and_help():
     assert resolve(["--hostname", "127.0.0.1"], environ={})["hostname"] == "127.0.0.1"
     text = build_parser().format_help()
     assert "--max-batch-prefill-tokens" in text and "[env: MAX_BATCH_PREFILL_TOKENS]" in text
+
+
+def test_shard_count_follows_tgi():
+    assert resolve([], environ={})["num_shard"] == 1
+    args = resolve(["--num-shard", "2"], environ={})
+    assert args["num_shard"] == 2 and args["local_shards"] == 2
+    assert resolve(["--sharded", "true", "--num-shard", "4"], environ={})["num_shard"] == 4
+    assert resolve(["--sharded", "false", "--num-shard", "2"], environ={})["num_shard"] == 2  # TGI keeps it too
+    env = {"NUM_SHARD": "2", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29600"}
+    args = resolve([], environ=env)
+    assert (args["num_shard"], args["master_addr"], args["master_port"]) == (2, "10.0.0.1", 29600)
+    assert resolve(["--num-shard", "4", "--local-shards", "2"], environ={})["local_shards"] == 2
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--sharded", "true"], "`sharded` is true but `num_shard` is not set"),
+    (["--sharded", "true", "--num-shard", "1"], "`sharded` is true but `num_shard` <= 1"),
+    (["--num-shard", "0"], "`num_shard` cannot be < 1"),
+    (["--num-shard", "2", "--local-shards", "3"], "`local_shards` must be between 1 and `num_shard` \\(2\\)"),
+])
+def test_impossible_shard_settings_are_refused(argv, message):
+    with pytest.raises(SystemExit, match=message):
+        resolve(argv, environ={})
