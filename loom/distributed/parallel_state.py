@@ -35,14 +35,6 @@ class TPGroup:
         dist.all_reduce(x, group=self.group)
         return x
 
-    def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
-        """Concatenate each rank's shard of the last dimension, in rank order, on every rank."""
-        if self.size == 1:
-            return x
-        parts = [torch.empty_like(x) for _ in range(self.size)]
-        dist.all_gather(parts, x.contiguous(), group=self.group)
-        return torch.cat(parts, dim=-1)
-
     def gather_last_dim(self, x: torch.Tensor) -> torch.Tensor | None:
         """Concatenate each rank's shard of the last dimension on rank 0; the other ranks get None."""
         if self.size == 1:
