@@ -194,10 +194,11 @@ class Launcher:
     def _stop(self, roles: list[str], timeout: float, signal_first: bool = True) -> None:
         """Stop these children together: SIGTERM (or, for ranks that exit by themselves, a wait first), then
         SIGKILL for any still running at the deadline."""
-        procs = {r: self.children[r] for r in roles if r in self.children and self.children[r].poll() is None}
+        procs = {r: self.children[r] for r in roles if r in self.children}
         if signal_first:
             for proc in procs.values():
-                proc.send_signal(signal.SIGTERM)
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + timeout
         for role, proc in procs.items():
             if not _wait(proc, deadline) and not signal_first:

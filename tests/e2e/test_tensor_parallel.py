@@ -61,6 +61,17 @@ def test_killing_one_rank_takes_the_server_down(sharded):
     assert _port_free(sharded.port)
 
 
+def test_sigterm_stops_every_rank(llama_dir, tmp_path):
+    server = Server(llama_dir, tmp_path / "launcher.log", "--num-shard", "2", "--master-port", str(free_port()),
+                    "--graceful-termination-timeout", "10").wait_ready()
+    pids = [server.child_pid(role) for role in ("engine rank 0", "engine rank 1", "router")]
+    assert server.stop(timeout=30) == 0
+    assert not [pid for pid in pids if _alive(pid)]
+    logs = server.log_path.read_text()
+    assert "rank 1: shutting down" in logs  # it followed rank 0's shutdown rather than being killed
+    assert "engine rank 1 exited with code 0" in logs, logs
+
+
 def test_a_shard_count_the_heads_cannot_split_fails_at_start(llama_dir):
     proc = subprocess.run(
         [sys.executable, "-m", "loom.cli", "launch", "--model-id", str(llama_dir), "--num-shard", "3",
