@@ -72,6 +72,35 @@ def test_sigterm_stops_every_rank(llama_dir, tmp_path):
     assert "engine rank 1 exited with code 0" in logs, logs
 
 
+@pytest.mark.slow  # another two-rank server
+def test_a_rank_started_by_hand_joins_as_on_another_host(llama_dir, tmp_path):
+    """--local-shards 1: the launcher starts rank 0 only; rank 1 joins with `loom shard` and torchrun's variables,
+    the way a rank on a second host does, and leaves when the server stops."""
+    port = free_port()
+    server = Server(llama_dir, tmp_path / "launcher.log", "--num-shard", "2", "--local-shards", "1",
+                    "--master-addr", "127.0.0.1", "--master-port", str(port))
+    env = {**os.environ, "RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    with open(tmp_path / "shard.log", "w") as log:
+        shard = subprocess.Popen([sys.executable, "-m", "loom.cli", "shard", "--model-id", str(llama_dir)], env=env,
+                                 stdout=log, stderr=subprocess.STDOUT)
+        try:
+            server.wait_ready()
+            body = {"inputs": PROMPTS[0], "parameters": {"max_new_tokens": 20, "details": True}}
+            resp = requests.post(f"{server.url}/generate", json=body, timeout=60)
+            llm = LLM(llama_dir, dtype="float32", max_batch_total_tokens=4096)
+            expected = llm.generate(PROMPTS[0], SamplingParams(max_new_tokens=20))[0].token_ids
+            assert [t["id"] for t in resp.json()["details"]["tokens"]] == expected
+            assert "waiting for rank 1 to join" in server.logs()
+            assert server.stop(timeout=30) == 0
+            assert shard.wait(timeout=15) == 0  # told to stop by rank 0
+        finally:
+            server.stop()
+            if shard.poll() is None:
+                shard.kill()
+                shard.wait()
+    assert "rank 1: shutting down" in (tmp_path / "shard.log").read_text()
+
+
 def test_a_shard_count_the_heads_cannot_split_fails_at_start(llama_dir):
     proc = subprocess.run(
         [sys.executable, "-m", "loom.cli", "launch", "--model-id", str(llama_dir), "--num-shard", "3",
