@@ -18,7 +18,6 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from loom.config import ModelConfig
@@ -47,9 +46,9 @@ def check_supported(hf: dict[str, Any]) -> None:
         raise ValueError("Falcon with num_ln_in_parallel_attn=2 needs new_decoder_architecture=True")
 
 
-def _bias_after(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _bias_after(linear: ColumnParallelLinear, x: torch.Tensor) -> torch.Tensor:
     # NOTE: FalconLinear adds the bias after the matmul (not fused), which rounds once more in half precision.
-    y = F.linear(x, linear.weight)
+    y = linear.matmul(x)
     return y if linear.bias is None else y + linear.bias
 
 

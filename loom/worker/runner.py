@@ -19,6 +19,7 @@ from loom.distributed.comm import RankFailure, broadcast_message
 from loom.distributed.parallel_state import get_tp_group, kv_head_range
 from loom.layers.forward_context import AttentionMetadata, ForwardContext, PrefillSpan, forward_context
 from loom.layers.kernels import paged_decode_cpu
+from loom.layers.linear import pack_linear_weights
 from loom.models.loader import load_model
 from loom.protocol import shard
 from loom.protocol.plan import SeqPlan, StepPlan
@@ -42,6 +43,9 @@ class ModelRunner:
         if self.tp.size > 1 and self.tp.is_driver:
             logger.info("tensor parallel over %d ranks; weights per rank: %s MB", self.tp.size,
                         ", ".join(f"{b / 1e6:.1f}" for b in self.rank_weight_bytes))
+        packed = pack_linear_weights(self.model)  # after the byte count: packing releases the plain weights
+        if packed:
+            logger.info("%d linear layers use oneDNN-packed bf16 weights", packed)
         kv_heads = kv_head_range(model_config.num_kv_heads, self.tp)[1]
         shape = (2, num_blocks * block_size, kv_heads, model_config.head_dim)
         # Zeroed, not empty: padded decode rows read slot 0 under a mask, and 0 × garbage could be NaN.
