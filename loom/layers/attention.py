@@ -74,16 +74,25 @@ class Attention(nn.Module):
             return self._prefill_softcapped(qh, k, v, cache, span)
         fresh = span.ctx_len == span.q_len
         if fresh and (self.sliding_window is None or span.q_len <= self.sliding_window):
-            o = F.scaled_dot_product_attention(
-                qh, k.transpose(0, 1), v.transpose(0, 1), is_causal=True, scale=self.scale, enable_gqa=True
-            )
-            return o.transpose(0, 1)
+            return self._sdpa(qh, k.transpose(0, 1), v.transpose(0, 1), None).transpose(0, 1)
         keys = cache[0][span.slots].transpose(0, 1)  # (Hkv, ctx_len, D)
         values = cache[1][span.slots].transpose(0, 1)
-        o = F.scaled_dot_product_attention(
-            qh, keys, values, attn_mask=self._prefill_mask(span), scale=self.scale, enable_gqa=True
-        )
-        return o.transpose(0, 1)
+        return self._sdpa(qh, keys, values, self._prefill_mask(span)).transpose(0, 1)
+
+    def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """q (Hq, Lq, D), k/v (Hkv, Lk, D) → (Hq, Lq, D); causal when `mask` is None.
+
+        On CPU the flash kernel only runs for 4-D inputs with as many key as query heads; otherwise SDPA takes its
+        math path (3x slower for a 256-token prompt), so keys and values are expanded to the query heads there."""
+        if q.device.type != "cpu":
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale,
+                                                  enable_gqa=True)
+        group = q.shape[0] // k.shape[0]
+        if group > 1:
+            k, v = k.repeat_interleave(group, 0), v.repeat_interleave(group, 0)
+        o = F.scaled_dot_product_attention(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), attn_mask=mask,
+                                           is_causal=mask is None, scale=self.scale)
+        return o.squeeze(0)
 
     def _prefill_mask(self, span: PrefillSpan) -> torch.Tensor:
         q_pos = torch.arange(span.ctx_len - span.q_len, span.ctx_len).unsqueeze(1)  # (q_len, 1)

