@@ -34,7 +34,7 @@ def main() -> None:
 
     from loom import LLM, GrammarSpec, SamplingParams
 
-    llm = LLM(args.model, dtype=args.dtype)
+    llm = LLM(args.model, dtype=args.dtype, enable_prefix_caching=False)  # both runs get the same prompts
     vocab = llm.engine.model_config.vocab_size
     gen = torch.Generator().manual_seed(0)
     grammar = GrammarSpec.json_schema(SCHEMA)
