@@ -127,7 +127,9 @@ class Launcher:
             config_path = self.run_dir / "run.json"
             config_path.write_text(json.dumps(config, indent=2))
             self._spawn_engine(config_path)
-            self._spawn("router", ["router", "--config", str(config_path)])
+            # TGI's launcher sets "{num_shard}-{gpu name}"; on CPU the device is "cpu". An explicit COMPUTE_TYPE wins.
+            compute = {"COMPUTE_TYPE": os.environ.get("COMPUTE_TYPE", f"{self.args['num_shard'] or 1}-cpu")}
+            self._spawn("router", ["router", "--config", str(config_path)], compute)
             return self._supervise(f"http://127.0.0.1:{self.args['port']}/health")
         finally:
             self._shutdown()

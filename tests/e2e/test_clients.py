@@ -60,6 +60,7 @@ def test_raw_sse_framing(server):
                       stream=True, timeout=60)
     raw = r.content.decode()
     assert r.headers["content-type"].startswith("text/event-stream")
+    assert r.headers["x-compute-type"] == "1-cpu"  # "{num_shard}-{device}", as TGI's launcher sets it
     assert raw.startswith("data:{") and raw.endswith("}\n\n") and "[DONE]" not in raw
 
 

@@ -36,6 +36,7 @@ def test_two_shards_serve_the_one_rank_greedy_tokens(sharded, llama_dir):
         body = {"inputs": prompt, "parameters": {"max_new_tokens": 20, "details": True}}
         resp = requests.post(f"{sharded.url}/generate", json=body, timeout=60)
         assert resp.status_code == 200, resp.text
+        assert resp.headers["x-compute-type"] == "2-cpu"
         return [t["id"] for t in resp.json()["details"]["tokens"]]
 
     with ThreadPoolExecutor(len(PROMPTS)) as pool:  # concurrent: batched together on both ranks
