@@ -30,6 +30,19 @@ _SOURCE = r"""
 #include <limits>
 #include <type_traits>
 
+// In place: each of the `rows` rows of `n` scores becomes its softmax.
+static inline void softmax_rows(float* scores, int64_t rows, int64_t n) {
+  for (int64_t g = 0; g < rows; ++g) {
+    float* sg = scores + g * n;
+    float m = -std::numeric_limits<float>::infinity();
+    for (int64_t i = 0; i < n; ++i) m = std::max(m, sg[i]);
+    float sum = 0.f;
+    for (int64_t i = 0; i < n; ++i) { sg[i] = std::exp(sg[i] - m); sum += sg[i]; }
+    const float inv = 1.f / sum;
+    for (int64_t i = 0; i < n; ++i) sg[i] *= inv;
+  }
+}
+
 template <typename T> static inline float to_f(T x) { return static_cast<float>(x); }
 // bf16 → fp32 is a 16-bit shift; written out so the compiler vectorises the row conversions
 template <> inline float to_f<c10::BFloat16>(c10::BFloat16 x) {
@@ -71,15 +84,7 @@ static void decode_kernel(const T* q, const T* kc, const T* vc, const int32_t* b
         }
       }
       std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t g = 0; g < G; ++g) {
-        float* sg = scores.data() + g * n;
-        float m = -std::numeric_limits<float>::infinity();
-        for (int64_t i = 0; i < n; ++i) m = std::max(m, sg[i]);
-        float sum = 0.f;
-        for (int64_t i = 0; i < n; ++i) { sg[i] = std::exp(sg[i] - m); sum += sg[i]; }
-        const float inv = 1.f / sum;
-        for (int64_t i = 0; i < n; ++i) sg[i] *= inv;
-      }
+      softmax_rows(scores.data(), G, n);
       for (int64_t t = first; t < len; ++t) {
         const int64_t slot = (int64_t)table[t / bs] * bs + t % bs;
         const T* v = vc + (slot * Hkv + h) * D;
@@ -153,15 +158,7 @@ static void decode_kernel_avx512(const T* q, const T* kc, const T* vc, const int
           scores[g * n + (t - first)] = _mm512_reduce_add_ps(s);
         }
       }
-      for (int64_t g = 0; g < G; ++g) {
-        float* sg = scores.data() + g * n;
-        float m = -std::numeric_limits<float>::infinity();
-        for (int64_t i = 0; i < n; ++i) m = std::max(m, sg[i]);
-        float sum = 0.f;
-        for (int64_t i = 0; i < n; ++i) { sg[i] = std::exp(sg[i] - m); sum += sg[i]; }
-        const float inv = 1.f / sum;
-        for (int64_t i = 0; i < n; ++i) sg[i] *= inv;
-      }
+      softmax_rows(scores.data(), G, n);
       for (int64_t i = 0; i < G * V; ++i) acc[i] = _mm512_setzero_ps();
       for (int64_t t = first; t < len; ++t) {
         const T* v = vc + ((int64_t)table[t / bs] * bs + t % bs) * stride + h * D;
@@ -243,7 +240,7 @@ def load():
             from torch.utils.cpp_extension import load_inline
 
             _module = load_inline(
-                "loom_paged_decode_cpu_v4", cpp_sources=[_SOURCE], extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffast-math"],
+                "loom_paged_decode_cpu_v5", cpp_sources=[_SOURCE], extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffast-math"],
                 extra_ldflags=["-fopenmp"], verbose=False,
             )
         except Exception as err:  # noqa: BLE001 — no compiler, no headers: use the torch path
