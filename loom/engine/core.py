@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from loom.config import EngineConfig, ModelConfig
+from loom.distributed.parallel_state import get_tp_group
 from loom.engine.kv.kv_manager import KVCacheManager
 from loom.engine.outputs import RequestOutput
 from loom.engine.request import Request
@@ -43,12 +44,19 @@ def available_memory_bytes() -> int:
 DEFAULT_MAX_KV_TOKENS_CPU = 131_072
 
 
-def kv_cache_tokens(model: ModelConfig, config: EngineConfig, max_total_tokens: int, device: str) -> int:
+def kv_cache_tokens(model: ModelConfig, config: EngineConfig, max_total_tokens: int, device: str,
+                    tp_size: int = 1) -> int:
     """The KV budget: `max_batch_total_tokens` when given, else a share of available memory, never more than a
-    full batch of full-length sequences could use (nor DEFAULT_MAX_KV_TOKENS_CPU on CPU)."""
+    full batch of full-length sequences could use (nor DEFAULT_MAX_KV_TOKENS_CPU on CPU).
+
+    With tensor parallelism every rank caches its key/value heads for every token; when the ranks outnumber the
+    heads, heads are copied, so the ranks together hold tp_size / num_kv_heads copies of one rank's cache. The
+    memory share is for all of them (ranks assumed on this host: on several hosts the cache is smaller than it
+    could be, never larger)."""
     if config.max_batch_total_tokens is not None:
         return config.max_batch_total_tokens
-    by_memory = int(available_memory_bytes() * config.kv_memory_fraction) // model.kv_bytes_per_token()
+    copies = max(1.0, tp_size / model.num_kv_heads)
+    by_memory = int(available_memory_bytes() * config.kv_memory_fraction / copies) // model.kv_bytes_per_token()
     tokens = min(by_memory, config.max_batch_size * max_total_tokens)
     if torch.device(device).type == "cpu":
         tokens = min(tokens, DEFAULT_MAX_KV_TOKENS_CPU)
@@ -65,7 +73,7 @@ class EngineCore:
         self.tokenizer = load_tokenizer(model_path)
         self.eos_token_ids = eos_token_ids(model_path, self.tokenizer)
         limit = min(config.max_total_tokens or self.model_config.max_model_len, self.model_config.max_model_len)
-        kv_tokens = kv_cache_tokens(self.model_config, config, limit, device)
+        kv_tokens = kv_cache_tokens(self.model_config, config, limit, device, get_tp_group().size)
         num_blocks = max(kv_tokens // config.block_size, 1)
         self.max_total_tokens = min(limit, num_blocks * config.block_size)
         self.runner = ModelRunner(self.model_config, num_blocks, config.block_size, device)
