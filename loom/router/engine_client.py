@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import zmq
 import zmq.asyncio
+import zmq.utils.monitor
 
 from loom.engine.outputs import RequestOutput
 from loom.engine.server import endpoint_paths
@@ -70,6 +71,8 @@ class EngineClient:
         self._nonce = itertools.count()
         self._ctx = zmq.asyncio.Context()
         self._recv_task: asyncio.Task | None = None
+        self._watch_task: asyncio.Task | None = None
+        self.engine_lost: str | None = None  # set once the engine's socket closed: every request now fails
 
     async def connect(self, timeout: float | None = None) -> EngineReady:
         to_addr, from_addr = endpoint_paths(self.endpoint)
@@ -85,6 +88,8 @@ class EngineClient:
                 self.ready = msg
                 break
         self._recv_task = asyncio.create_task(self._receive_loop(), name="engine-receive")
+        self._monitor = self._pull.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self._watch_task = asyncio.create_task(self._watch_engine(), name="engine-watch")
         return msg
 
     @property
@@ -96,6 +101,9 @@ class EngineClient:
         trace_carrier: dict[str, str] | None = None,
     ) -> RequestStream:
         stream = RequestStream(request_id)
+        if self.engine_lost is not None:
+            stream.queue.put_nowait(RequestFailed(request_id, "generation", self.engine_lost))
+            return stream
         self._streams[request_id] = stream
         self._push.send(encode(AddRequest(request_id, prompt_token_ids, params, prompt_logprobs, trace_carrier)))
         return stream
@@ -113,6 +121,8 @@ class EngineClient:
             self.abort(stream.request_id)
 
     async def health(self, timeout: float) -> HealthReport:
+        if self.engine_lost is not None:
+            raise OSError(self.engine_lost)
         nonce = next(self._nonce)
         fut = asyncio.get_running_loop().create_future()
         self._health[nonce] = fut
@@ -144,7 +154,25 @@ class EngineClient:
                 if fut is not None and not fut.done():
                     fut.set_result(msg)
 
+    async def _watch_engine(self) -> None:
+        """The engine process died (or stopped): fail what is in flight now, with an error the client sees, rather
+        than leaving streams open until the launcher takes the router down."""
+        while True:
+            event = zmq.utils.monitor.parse_monitor_message(await self._monitor.recv_multipart())
+            if event["event"] == zmq.EVENT_DISCONNECTED:
+                break
+        self.engine_lost = "the engine process exited"
+        logger.error("lost the engine; failing %d in-flight request(s)", len(self._streams))
+        for request_id, stream in self._streams.items():
+            stream.queue.put_nowait(RequestFailed(request_id, "generation", self.engine_lost))
+        self._streams.clear()
+        for fut in self._health.values():
+            if not fut.done():
+                fut.set_exception(OSError(self.engine_lost))
+
     async def close(self) -> None:
+        if self._watch_task is not None:
+            self._watch_task.cancel()
         if self._recv_task is not None:
             self._recv_task.cancel()
         self._ctx.destroy(linger=0)
