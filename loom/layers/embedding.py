@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loom.distributed.parallel_state import get_tp_group
-from loom.layers.linear import CheckpointTensor, copy_checked, pack_weight, packed_linear, packed_matmul_available
+from loom.layers.linear import CheckpointTensor, PackableLinear, copy_checked
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -36,25 +36,14 @@ class VocabParallelEmbedding(nn.Module):
         return self.tp.all_reduce(out)
 
 
-class ParallelLMHead(VocabParallelEmbedding):
+class ParallelLMHead(VocabParallelEmbedding, PackableLinear):
     """Projects hidden states to vocabulary logits; each rank computes its vocabulary slice, gathered on rank 0
-    (which alone samples)."""
+    (which alone samples). Packed like the linear layers; the plain weight stays for a tied embedding."""
 
-    _packed: torch.Tensor | None = None
-
-    def pack_for_inference(self) -> bool:
-        """Use a oneDNN-packed copy for the projection (see linear.packed_matmul_available). The plain weight
-        stays: a tied head shares it with the token embedding."""
-        if self._packed is not None or not packed_matmul_available(self.weight):
-            return False
-        self._packed = pack_weight(self.weight)
-        return True
+    keeps_plain_weight = True
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """(N, hidden) → (N, vocab) on rank 0; None on the other ranks."""
-        if self._packed is not None:
-            logits = packed_linear(hidden, self._packed, None)
-        else:
-            logits = F.linear(hidden, self.weight)  # (N, vocab / tp)
+        logits = self.matmul(hidden)  # (N, vocab / tp)
         logits = self.tp.gather_last_dim(logits)
         return None if logits is None else logits[..., : self.vocab_size]

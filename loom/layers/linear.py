@@ -59,16 +59,19 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
 
 class PackableLinear(nn.Module):
     """A linear layer whose weight can be swapped for its oneDNN-packed copy once loading is done
-    (`pack_for_inference`); the plain weight is then released, so memory stays that of one copy."""
+    (`pack_for_inference`); the plain weight is then released, so memory stays that of one copy, unless
+    `keeps_plain_weight` (a tied LM head shares it with the token embedding)."""
 
     weight: nn.Parameter
+    keeps_plain_weight = False
     _packed: torch.Tensor | None = None
 
     def pack_for_inference(self) -> bool:
         if self._packed is not None or not packed_matmul_available(self.weight):
             return False
         self._packed = pack_weight(self.weight)
-        self.weight = nn.Parameter(self.weight.new_empty(0), requires_grad=False)  # loaded already: drop it
+        if not self.keeps_plain_weight:
+            self.weight = nn.Parameter(self.weight.new_empty(0), requires_grad=False)  # loaded already: drop it
         return True
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -79,7 +82,7 @@ class PackableLinear(nn.Module):
 
 def pack_linear_weights(model: nn.Module) -> int:
     """Pack every packable linear layer (and LM head) of a loaded model; returns how many were packed."""
-    return sum(m.pack_for_inference() for m in model.modules() if callable(getattr(m, "pack_for_inference", None)))
+    return sum(m.pack_for_inference() for m in model.modules() if isinstance(m, PackableLinear))
 
 
 class ReplicatedLinear(PackableLinear):
