@@ -41,12 +41,20 @@ def _empty(*shape: int, dtype: torch.dtype | None = None) -> nn.Parameter:
 def packed_matmul_available(weight: torch.Tensor) -> bool:
     """bf16 weights on CPU can be pre-packed into oneDNN's blocked layout once, instead of being re-laid-out by
     every matmul: 1.9x faster at one token per step, 1.4x at 32, ~7% at 256 on the bench model, same results
-    bit for bit. LOOM_DISABLE_PACKED_LINEAR=1 turns it off (benchmark baselines)."""
+    bit for bit. oneDNN packs bf16 only on CPUs with native bf16 conversions (AVX-512 BW/VL/DQ or AVX-NE-CONVERT);
+    elsewhere (e.g. AVX2-only CPUs) weights stay plain. LOOM_DISABLE_PACKED_LINEAR=1 turns it off (benchmark
+    baselines)."""
     return (
         weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and weight.dim() == 2
         and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+        and _cpu_packs_bf16()
         and os.environ.get("LOOM_DISABLE_PACKED_LINEAR") != "1"
     )
+
+
+def _cpu_packs_bf16() -> bool:
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return bool(check()) if check is not None else False
 
 
 def pack_weight(weight: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ from loom.layers.linear import (
 )
 
 pytestmark = pytest.mark.skipif(not packed_matmul_available(torch.empty(1, 1, dtype=torch.bfloat16)),
-                                reason="no oneDNN weight packing in this torch build")
+                                reason="no oneDNN bf16 weight packing on this CPU or torch build")
 
 
 @pytest.mark.parametrize("rows", [1, 7, 64])
