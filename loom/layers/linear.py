@@ -8,6 +8,8 @@ the forward passes do no communication.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
+from functools import cache
 from typing import Protocol
 
 import torch
@@ -15,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loom.distributed.parallel_state import divide, get_tp_group, kv_head_range
+from loom.layers.kernels import bf16_gemm_cpu
 
 
 class CheckpointTensor(Protocol):
@@ -38,44 +41,77 @@ def _empty(*shape: int, dtype: torch.dtype | None = None) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
 
 
+@dataclass(frozen=True)
+class PackedWeight:
+    """A linear layer's weight re-laid-out once, at load, for the fastest CPU matmul this machine has.
+
+    "onednn": oneDNN's blocked bf16 layout (CPUs with AVX-512 BF16 or AMX, or AVX-NE-CONVERT): bit-identical to
+    `F.linear`, 1.9x faster at one token per step, 1.4x at 32, ~7% at 256 on the bench model.
+    "avx2_bf16": Loom's panels for AVX2+FMA CPUs without bf16 arithmetic (kernels/bf16_gemm_cpu.py), where
+    torch's bf16 matmul has no fast path (7x faster at 16 rows, 7x at 256 on the bench model); fp32 accumulation,
+    not bit-identical to `F.linear` (the sums run in another order).
+    """
+
+    kind: str
+    data: torch.Tensor
+    out_features: int
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.kind == "onednn":
+            return torch.ops.mkldnn._linear_pointwise(x, self.data, bias, "none", [], "")
+        return bf16_gemm_cpu.linear(x, self.data, bias, self.out_features)
+
+
+def packing_kind(weight: torch.Tensor) -> str | None:
+    """Which packed layout suits `weight` on this machine, or None to keep the plain weight (fp32 keeps MKL's
+    GEMM; devices other than the CPU use their own libraries). LOOM_DISABLE_PACKED_LINEAR=1 turns packing off
+    (benchmark baselines)."""
+    if (weight.device.type != "cpu" or weight.dtype != torch.bfloat16 or weight.dim() != 2
+            or os.environ.get("LOOM_DISABLE_PACKED_LINEAR") == "1"):
+        return None
+    if _onednn_packs_bf16():
+        return "onednn"
+    if bf16_gemm_cpu.load() is not None:
+        return "avx2_bf16"
+    return None
+
+
 def packed_matmul_available(weight: torch.Tensor) -> bool:
-    """bf16 weights on CPU can be pre-packed into oneDNN's blocked layout once, instead of being re-laid-out by
-    every matmul: 1.9x faster at one token per step, 1.4x at 32, ~7% at 256 on the bench model, same results
-    bit for bit. oneDNN packs bf16 only on CPUs with native bf16 conversions (AVX-512 BW/VL/DQ or AVX-NE-CONVERT);
-    elsewhere (e.g. AVX2-only CPUs) weights stay plain. LOOM_DISABLE_PACKED_LINEAR=1 turns it off (benchmark
-    baselines)."""
-    return (
-        weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and weight.dim() == 2
-        and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-        and _cpu_packs_bf16()
-        and os.environ.get("LOOM_DISABLE_PACKED_LINEAR") != "1"
-    )
+    return packing_kind(weight) is not None
 
 
-def _cpu_packs_bf16() -> bool:
+@cache
+def _onednn_packs_bf16() -> bool:
+    # oneDNN packs bf16 only on CPUs with native bf16 conversions (AVX-512 BW/VL/DQ or AVX-NE-CONVERT)
     check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
-    return bool(check()) if check is not None else False
+    return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+            and check is not None and bool(check()))
 
 
-def pack_weight(weight: torch.Tensor) -> torch.Tensor:
-    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
+def pack_weight(weight: torch.Tensor, kind: str | None = None) -> PackedWeight:
+    kind = kind or packing_kind(weight)
+    if kind == "onednn":
+        return PackedWeight(kind, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1), weight.shape[0])
+    if kind == "avx2_bf16":
+        return PackedWeight(kind, bf16_gemm_cpu.pack(weight), weight.shape[0])
+    raise ValueError(f"no packed layout for a {weight.dtype} weight on {weight.device} here")
 
 
-def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+def packed_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    return packed.matmul(x, bias)
 
 
 class PackableLinear(nn.Module):
-    """A linear layer whose weight can be swapped for its oneDNN-packed copy once loading is done
-    (`pack_for_inference`); the plain weight is then released, so memory stays that of one copy, unless
-    `keeps_plain_weight` (a tied LM head shares it with the token embedding)."""
+    """A linear layer whose weight can be swapped for a packed copy once loading is done (`pack_for_inference`);
+    the plain weight is then released, so memory stays that of one copy, unless `keeps_plain_weight` (a tied LM
+    head shares it with the token embedding)."""
 
     weight: nn.Parameter
     keeps_plain_weight = False
-    _packed: torch.Tensor | None = None
+    _packed: PackedWeight | None = None
 
     def pack_for_inference(self) -> bool:
-        if self._packed is not None or not packed_matmul_available(self.weight):
+        if self._packed is not None or packing_kind(self.weight) is None:
             return False
         self._packed = pack_weight(self.weight)
         if not self.keeps_plain_weight:
@@ -84,7 +120,7 @@ class PackableLinear(nn.Module):
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if self._packed is not None:
-            return packed_linear(x, self._packed, bias)
+            return self._packed.matmul(x, bias)
         return F.linear(x, self.weight, bias)
 
 

@@ -45,7 +45,7 @@ class ModelRunner:
                         ", ".join(f"{b / 1e6:.1f}" for b in self.rank_weight_bytes))
         packed = pack_linear_weights(self.model)  # after the byte count: packing releases the plain weights
         if packed:
-            logger.info("%d linear layers use oneDNN-packed bf16 weights", packed)
+            logger.info("%d linear layers use packed bf16 weights", packed)
         kv_heads = kv_head_range(model_config.num_kv_heads, self.tp)[1]
         shape = (2, num_blocks * block_size, kv_heads, model_config.head_dim)
         # Zeroed, not empty: padded decode rows read slot 0 under a mask, and 0 × garbage could be NaN.

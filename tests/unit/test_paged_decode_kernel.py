@@ -1,5 +1,6 @@
-"""The C++ paged decode-attention kernel against a plain torch reference: every dtype, head sizes on the AVX-512
-path (multiples of 16 it specialises) and off it, GQA, sliding windows, scattered block tables."""
+"""The C++ paged decode-attention kernel against a plain torch reference: every dtype, head sizes on the SIMD path
+(AVX-512 or AVX2, whichever this CPU has: the sizes it specialises) and off it, GQA, sliding windows, scattered
+block tables."""
 
 from __future__ import annotations
 

@@ -5,19 +5,15 @@ to fp32, because the CPU SDPA kernel is slow in bf16 for one query) before atten
 context per layer and step. This kernel walks each sequence's block table instead and reads every cached key and
 value exactly once, converting bf16/fp16 to fp32 in registers.
 
-It is compiled on first use with torch's C++ extension loader (cached under TORCH_EXTENSIONS_DIR); when no
-compiler is available it reports itself unavailable and attention falls back to the torch path.
+It is compiled on first use (kernels/build.py: cached per CPU under TORCH_EXTENSIONS_DIR); when no compiler is
+available it reports itself unavailable and attention falls back to the torch path.
 """
 
 from __future__ import annotations
 
-import logging
-import os
-import threading
-
 import torch
 
-logger = logging.getLogger(__name__)
+from loom.layers.kernels.build import load_kernel
 
 _SOURCE = r"""
 #include <torch/extension.h>
@@ -103,42 +99,87 @@ static void decode_kernel(const T* q, const T* kc, const T* vc, const int32_t* b
   });
 }
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
-// AVX-512 path: a head row of D = 16·V elements is V fp32 vectors. Keys and values are widened to fp32 in
-// registers, the G query heads of a KV head stay in registers, and each token costs V loads, G·V FMAs and G
-// horizontal sums (the scalar loop above is ~8x slower at batch 32 × 256 context).
-template <typename T> static inline __m512 load16(const T* p);
-template <> inline __m512 load16<float>(const float* p) { return _mm512_loadu_ps(p); }
-template <> inline __m512 load16<c10::BFloat16>(const c10::BFloat16* p) {
-  __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-}
-template <> inline __m512 load16<c10::Half>(const c10::Half* p) {
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
-template <typename T> static inline void store16(T* p, __m512 v);
-template <> inline void store16<float>(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
-template <> inline void store16<c10::BFloat16>(c10::BFloat16* p, __m512 v) {
-  __m512i bits = _mm512_castps_si512(v);  // round to nearest even, as c10::BFloat16 does (finite values)
-  __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  bits = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
-}
-template <> inline void store16<c10::Half>(c10::Half* p, __m512 v) {
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
-}
+#endif
 
+// SIMD path: a head row of D = W·V elements is V fp32 vectors of W lanes. Keys and values are widened to fp32 in
+// registers, the G query heads of a KV head stay in registers, and each token costs V loads, G·V FMAs and G
+// horizontal sums (the scalar loop above is ~8x slower at batch 32 × 256 context). One template, two ISAs.
+#if defined(__AVX512F__)
+struct Avx512 {
+  using reg = __m512;
+  static constexpr int W = 16;
+  static reg zero() { return _mm512_setzero_ps(); }
+  static reg set1(float x) { return _mm512_set1_ps(x); }
+  static reg mul(reg a, reg b) { return _mm512_mul_ps(a, b); }
+  static reg fmadd(reg a, reg b, reg c) { return _mm512_fmadd_ps(a, b, c); }
+  static float sum(reg a) { return _mm512_reduce_add_ps(a); }
+  static reg load(const float* p) { return _mm512_loadu_ps(p); }
+  static reg load(const c10::BFloat16* p) {
+    __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+  }
+  static reg load(const c10::Half* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+  static void store(float* p, reg v) { _mm512_storeu_ps(p, v); }
+  static void store(c10::BFloat16* p, reg v) {
+    __m512i bits = _mm512_castps_si512(v);  // round to nearest even, as c10::BFloat16 does (finite values)
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    bits = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
+  }
+  static void store(c10::Half* p, reg v) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+  }
+};
+using Simd = Avx512;
+#define LOOM_DECODE_SIMD 1
+#elif defined(__AVX2__) && defined(__FMA__)
+struct Avx2 {
+  using reg = __m256;
+  static constexpr int W = 8;
+  static reg zero() { return _mm256_setzero_ps(); }
+  static reg set1(float x) { return _mm256_set1_ps(x); }
+  static reg mul(reg a, reg b) { return _mm256_mul_ps(a, b); }
+  static reg fmadd(reg a, reg b, reg c) { return _mm256_fmadd_ps(a, b, c); }
+  static float sum(reg a) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+  static reg load(const float* p) { return _mm256_loadu_ps(p); }
+  static reg load(const c10::BFloat16* p) {
+    __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+  }
+  static reg load(const c10::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+  static void store(float* p, reg v) { _mm256_storeu_ps(p, v); }
+  static void store(c10::BFloat16* p, reg v) {
+    alignas(32) float f[8];
+    _mm256_store_ps(f, v);
+    for (int i = 0; i < 8; ++i) p[i] = c10::BFloat16(f[i]);  // one row per head: not worth a vector rounding
+  }
+  static void store(c10::Half* p, reg v) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+  }
+};
+using Simd = Avx2;
+#define LOOM_DECODE_SIMD 1
+#endif
+
+#ifdef LOOM_DECODE_SIMD
 template <typename T, int V>
-static void decode_kernel_avx512(const T* q, const T* kc, const T* vc, const int32_t* bt, const int32_t* lens,
-                                 T* out, int64_t B, int64_t Hq, int64_t Hkv, int64_t max_blocks, int64_t bs,
-                                 float scale, int64_t window) {
-  constexpr int64_t D = 16 * V;
+static void decode_kernel_simd(const T* q, const T* kc, const T* vc, const int32_t* bt, const int32_t* lens,
+                               T* out, int64_t B, int64_t Hq, int64_t Hkv, int64_t max_blocks, int64_t bs,
+                               float scale, int64_t window) {
+  using reg = typename Simd::reg;
+  constexpr int64_t W = Simd::W, D = W * V;
   const int64_t G = Hq / Hkv, stride = Hkv * D;
   at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
-    std::vector<__m512> qv(G * V), acc(G * V);
-    const __m512 sc = _mm512_set1_ps(scale);
+    std::vector<reg> qv(G * V), acc(G * V);
+    const reg sc = Simd::set1(scale);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / Hkv, h = item % Hkv;
       const int64_t len = lens[b];
@@ -146,54 +187,54 @@ static void decode_kernel_avx512(const T* q, const T* kc, const T* vc, const int
       const int64_t n = len - first;
       scores.resize(G * n);
       for (int64_t g = 0; g < G; ++g)
-        for (int j = 0; j < V; ++j) qv[g * V + j] = _mm512_mul_ps(load16(q + (b * Hq + h * G + g) * D + 16 * j), sc);
+        for (int j = 0; j < V; ++j) qv[g * V + j] = Simd::mul(Simd::load(q + (b * Hq + h * G + g) * D + W * j), sc);
       const int32_t* table = bt + b * max_blocks;
       for (int64_t t = first; t < len; ++t) {
         const T* k = kc + ((int64_t)table[t / bs] * bs + t % bs) * stride + h * D;
-        __m512 kv[V];
-        for (int j = 0; j < V; ++j) kv[j] = load16(k + 16 * j);
+        reg kv[V];
+        for (int j = 0; j < V; ++j) kv[j] = Simd::load(k + W * j);
         for (int64_t g = 0; g < G; ++g) {
-          __m512 s = _mm512_mul_ps(qv[g * V], kv[0]);
-          for (int j = 1; j < V; ++j) s = _mm512_fmadd_ps(qv[g * V + j], kv[j], s);
-          scores[g * n + (t - first)] = _mm512_reduce_add_ps(s);
+          reg s = Simd::mul(qv[g * V], kv[0]);
+          for (int j = 1; j < V; ++j) s = Simd::fmadd(qv[g * V + j], kv[j], s);
+          scores[g * n + (t - first)] = Simd::sum(s);
         }
       }
       softmax_rows(scores.data(), G, n);
-      for (int64_t i = 0; i < G * V; ++i) acc[i] = _mm512_setzero_ps();
+      for (int64_t i = 0; i < G * V; ++i) acc[i] = Simd::zero();
       for (int64_t t = first; t < len; ++t) {
         const T* v = vc + ((int64_t)table[t / bs] * bs + t % bs) * stride + h * D;
-        __m512 vv[V];
-        for (int j = 0; j < V; ++j) vv[j] = load16(v + 16 * j);
+        reg vv[V];
+        for (int j = 0; j < V; ++j) vv[j] = Simd::load(v + W * j);
         for (int64_t g = 0; g < G; ++g) {
-          const __m512 p = _mm512_set1_ps(scores[g * n + (t - first)]);
-          for (int j = 0; j < V; ++j) acc[g * V + j] = _mm512_fmadd_ps(p, vv[j], acc[g * V + j]);
+          const reg p = Simd::set1(scores[g * n + (t - first)]);
+          for (int j = 0; j < V; ++j) acc[g * V + j] = Simd::fmadd(p, vv[j], acc[g * V + j]);
         }
       }
       for (int64_t g = 0; g < G; ++g)
-        for (int j = 0; j < V; ++j) store16(out + (b * Hq + h * G + g) * D + 16 * j, acc[g * V + j]);
+        for (int j = 0; j < V; ++j) Simd::store(out + (b * Hq + h * G + g) * D + W * j, acc[g * V + j]);
     }
   });
 }
 
+// The head sizes models use, as multiples of the vector width; others take the scalar loop.
 template <typename T>
-static bool decode_avx512(const T* q, const T* kc, const T* vc, const int32_t* bt, const int32_t* lens, T* out,
-                          int64_t B, int64_t Hq, int64_t Hkv, int64_t D, int64_t max_blocks, int64_t bs,
-                          float scale, int64_t window) {
+static bool decode_simd(const T* q, const T* kc, const T* vc, const int32_t* bt, const int32_t* lens, T* out,
+                        int64_t B, int64_t Hq, int64_t Hkv, int64_t D, int64_t max_blocks, int64_t bs,
+                        float scale, int64_t window) {
+#define LOOM_CASE(d) \
+  case d: if constexpr (d % Simd::W == 0) { \
+    decode_kernel_simd<T, d / Simd::W>(q, kc, vc, bt, lens, out, B, Hq, Hkv, max_blocks, bs, scale, window); \
+    return true; } else { return false; }
   switch (D) {
-    case 16: decode_kernel_avx512<T, 1>(q, kc, vc, bt, lens, out, B, Hq, Hkv, max_blocks, bs, scale, window); return true;
-    case 32: decode_kernel_avx512<T, 2>(q, kc, vc, bt, lens, out, B, Hq, Hkv, max_blocks, bs, scale, window); return true;
-    case 64: decode_kernel_avx512<T, 4>(q, kc, vc, bt, lens, out, B, Hq, Hkv, max_blocks, bs, scale, window); return true;
-    case 80: decode_kernel_avx512<T, 5>(q, kc, vc, bt, lens, out, B, Hq, Hkv, max_blocks, bs, scale, window); return true;
-    case 96: decode_kernel_avx512<T, 6>(q, kc, vc, bt, lens, out, B, Hq, Hkv, max_blocks, bs, scale, window); return true;
-    case 128: decode_kernel_avx512<T, 8>(q, kc, vc, bt, lens, out, B, Hq, Hkv, max_blocks, bs, scale, window); return true;
-    case 256: decode_kernel_avx512<T, 16>(q, kc, vc, bt, lens, out, B, Hq, Hkv, max_blocks, bs, scale, window); return true;
+    LOOM_CASE(16) LOOM_CASE(32) LOOM_CASE(64) LOOM_CASE(80) LOOM_CASE(96) LOOM_CASE(128) LOOM_CASE(256)
     default: return false;
   }
+#undef LOOM_CASE
 }
 #else
 template <typename T>
-static bool decode_avx512(const T*, const T*, const T*, const int32_t*, const int32_t*, T*, int64_t, int64_t,
-                          int64_t, int64_t, int64_t, int64_t, float, int64_t) { return false; }
+static bool decode_simd(const T*, const T*, const T*, const int32_t*, const int32_t*, T*, int64_t, int64_t,
+                        int64_t, int64_t, int64_t, int64_t, float, int64_t) { return false; }
 #endif
 
 torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor block_tables,
@@ -207,7 +248,7 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
     scalar_t* op = out.data_ptr<scalar_t>();
     bool done = false;
     if constexpr (!std::is_same_v<scalar_t, double>) {
-      done = decode_avx512<scalar_t>(qp, kp, vp, bt, ln, op, B, Hq, Hkv, D, block_tables.size(1), block_size,
+      done = decode_simd<scalar_t>(qp, kp, vp, bt, ln, op, B, Hq, Hkv, D, block_tables.size(1), block_size,
                                      (float)scale, window);
     }
     if (!done)
@@ -220,33 +261,10 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("paged_decode", &paged_decode); }
 """
 
-_module = None
-_failed = False
-_lock = threading.Lock()
-
 
 def load():
     """The compiled extension, or None if it cannot be built here (or LOOM_DISABLE_CPU_KERNELS=1)."""
-    global _module, _failed
-    if _module is not None or _failed:
-        return _module
-    with _lock:
-        if _module is not None or _failed:
-            return _module
-        if os.environ.get("LOOM_DISABLE_CPU_KERNELS") == "1":
-            _failed = True
-            return None
-        try:
-            from torch.utils.cpp_extension import load_inline
-
-            _module = load_inline(
-                "loom_paged_decode_cpu_v5", cpp_sources=[_SOURCE], extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffast-math"],
-                extra_ldflags=["-fopenmp"], verbose=False,
-            )
-        except Exception as err:  # noqa: BLE001 — no compiler, no headers: use the torch path
-            logger.warning("CPU paged-attention kernel unavailable (%s); using the torch path", err)
-            _failed = True
-    return _module
+    return load_kernel("loom_paged_decode_cpu_v7", _SOURCE, ("-ffast-math",))
 
 
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,

@@ -1,0 +1,64 @@
+"""Builds Loom's small C++ CPU kernels with torch's extension loader, once per machine.
+
+The kernels are compiled with `-march=native`, so a build is only valid on the CPU that made it: the extension
+name carries a digest of this CPU's feature flags, and a cache directory shared between machines (a mounted
+TORCH_EXTENSIONS_DIR, a container image built elsewhere) never hands one CPU another's binary.
+LOOM_DISABLE_CPU_KERNELS=1 turns every kernel off (the torch paths are used instead).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import threading
+from functools import cache
+from types import ModuleType
+
+logger = logging.getLogger(__name__)
+
+_CFLAGS = ["-O3", "-march=native", "-fopenmp"]
+_lock = threading.Lock()
+_built: dict[str, ModuleType | None] = {}
+
+
+@cache
+def cpu_flags() -> frozenset[str]:
+    """This CPU's feature flags as Linux reports them (empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def _cpu_digest() -> str:
+    text = platform.machine() + " " + " ".join(sorted(cpu_flags()))
+    return hashlib.blake2b(text.encode(), digest_size=6).hexdigest()
+
+
+def load_kernel(name: str, source: str, extra_cflags: tuple[str, ...] = ()) -> ModuleType | None:
+    """The compiled module `name` (built on first use, then loaded from torch's extension cache), or None when it
+    cannot be built here: no compiler, no headers, or LOOM_DISABLE_CPU_KERNELS=1."""
+    if name in _built:
+        return _built[name]
+    with _lock:
+        if name in _built:
+            return _built[name]
+        module = None
+        if os.environ.get("LOOM_DISABLE_CPU_KERNELS") != "1":
+            try:
+                from torch.utils.cpp_extension import load_inline
+
+                module = load_inline(
+                    f"{name}_{_cpu_digest()}", cpp_sources=[source], extra_cflags=[*_CFLAGS, *extra_cflags],
+                    extra_ldflags=["-fopenmp"], verbose=False,
+                )
+            except Exception as err:  # noqa: BLE001 — no compiler, no headers: the torch path is used
+                logger.warning("CPU kernel %s unavailable (%s); using the torch path", name, err)
+        _built[name] = module
+        return module
