@@ -35,6 +35,7 @@ _SOURCE = r"""
 static constexpr int64_t NR = 16;  // output features per weight panel: two 8-wide fp32 vectors
 static constexpr int64_t MR = 6;   // rows per activation tile: 6 x 2 accumulators + 2 weight vectors + 1 broadcast
 static constexpr int64_t MC = 96;  // rows per pass over this thread's panels (the packed rows stay in L2)
+static constexpr int64_t KC = 256;  // k per block of a panel
 
 // Panel word 2i holds feature i and word 2i+1 feature 8+i, so the low half of each 32-bit lane is feature i
 // (shift left 16 → fp32) and the high half feature 8+i (mask the low half off → fp32).
@@ -63,14 +64,17 @@ torch::Tensor pack(torch::Tensor w) {
 static inline __m256 low_features(__m256i w) { return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)); }
 static inline __m256 high_features(__m256i w, __m256i mask) { return _mm256_castsi256_ps(_mm256_and_si256(w, mask)); }
 
-// C (ROWS x 16, fp32) = A tile (K x MR, packed, ROWS used) . panel (K x 16)
+// C (ROWS x 16, fp32) (+)= A tile (k0..k1 of K x MR, packed, ROWS used) . panel (k0..k1 of K x 16)
 template <int ROWS>
-static inline void tile(const float* A, const uint16_t* B, int64_t K, float* C) {
+static inline void tile(const float* A, const uint16_t* B, int64_t k0, int64_t k1, bool accumulate, float* C) {
   __m256 lo[ROWS], hi[ROWS];
 #pragma GCC unroll 8
-  for (int r = 0; r < ROWS; ++r) { lo[r] = _mm256_setzero_ps(); hi[r] = _mm256_setzero_ps(); }
+  for (int r = 0; r < ROWS; ++r) {
+    lo[r] = accumulate ? _mm256_loadu_ps(C + r * NR) : _mm256_setzero_ps();
+    hi[r] = accumulate ? _mm256_loadu_ps(C + r * NR + 8) : _mm256_setzero_ps();
+  }
   const __m256i mask = _mm256_set1_epi32(0xffff0000);
-  for (int64_t k = 0; k < K; ++k) {
+  for (int64_t k = k0; k < k1; ++k) {
     const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(B + k * NR));
     const __m256 b0 = low_features(w), b1 = high_features(w, mask);
 #pragma GCC unroll 8
@@ -108,14 +112,14 @@ static inline void one_row(const float* A, const uint16_t* B, int64_t K, float* 
   _mm256_storeu_ps(C + 8, _mm256_add_ps(a1, a3));
 }
 
-static void run_tile(int64_t rows, const float* a, const uint16_t* B, int64_t K, float* C) {
+static void run_tile(int64_t rows, const float* a, const uint16_t* B, int64_t k0, int64_t k1, bool acc, float* C) {
   switch (rows) {
-    case 1: tile<1>(a, B, K, C); break;
-    case 2: tile<2>(a, B, K, C); break;
-    case 3: tile<3>(a, B, K, C); break;
-    case 4: tile<4>(a, B, K, C); break;
-    case 5: tile<5>(a, B, K, C); break;
-    default: tile<6>(a, B, K, C); break;
+    case 1: tile<1>(a, B, k0, k1, acc, C); break;
+    case 2: tile<2>(a, B, k0, k1, acc, C); break;
+    case 3: tile<3>(a, B, k0, k1, acc, C); break;
+    case 4: tile<4>(a, B, k0, k1, acc, C); break;
+    case 5: tile<5>(a, B, k0, k1, acc, C); break;
+    default: tile<6>(a, B, k0, k1, acc, C); break;
   }
 }
 
@@ -163,17 +167,29 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor packed, c10::optional<torch:
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "bf16_weight_linear", [&] {
     scalar_t* op = out.data_ptr<scalar_t>();
     at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
-      alignas(32) float C[MR * NR];
+      if (M == 1) {
+        alignas(32) float C[NR];
+        for (int64_t p = begin; p < end; ++p) {
+          one_row(Ap, Bp + p * K * NR, K, C);
+          store_tile<scalar_t>(C, 1, p * NR, N, bp, op, 0);
+        }
+        return;
+      }
+      // Rows in chunks of MC, k in blocks of KC: a block of the panel (KC x 16 bf16 = 8 KB) stays in L1 while
+      // every tile of the chunk multiplies it; the tiles' partial sums wait in `partial` between k blocks.
+      alignas(32) float partial[MC * NR];
       for (int64_t m0 = 0; m0 < M; m0 += MC) {
         const int64_t m1 = std::min(M, m0 + MC);
         for (int64_t p = begin; p < end; ++p) {
           const uint16_t* panel = Bp + p * K * NR;
-          for (int64_t i = m0; i < m1; i += MR) {
-            const int64_t rows = std::min<int64_t>(MR, m1 - i);
-            if (M == 1) one_row(Ap, panel, K, C);
-            else run_tile(rows, Atp + (i / MR) * K * MR, panel, K, C);
-            store_tile<scalar_t>(C, rows, p * NR, N, bp, op, i);
+          for (int64_t k0 = 0; k0 < K; k0 += KC) {
+            const int64_t k1 = std::min(K, k0 + KC);
+            for (int64_t i = m0; i < m1; i += MR)
+              run_tile(std::min<int64_t>(MR, m1 - i), Atp + (i / MR) * K * MR, panel, k0, k1, k0 > 0,
+                       partial + (i - m0) * NR);
           }
+          for (int64_t i = m0; i < m1; i += MR)
+            store_tile<scalar_t>(partial + (i - m0) * NR, std::min<int64_t>(MR, m1 - i), p * NR, N, bp, op, i);
         }
       }
     });
@@ -202,7 +218,7 @@ def load() -> ModuleType | None:
     """The compiled kernel on an x86 CPU with AVX2 and FMA, else None."""
     if not {"avx2", "fma"} <= cpu_flags():
         return None
-    module = load_kernel("loom_bf16_gemm_cpu_v1", _SOURCE)
+    module = load_kernel("loom_bf16_gemm_cpu_v2", _SOURCE)
     return module if module is not None and module.supported() else None
 
 
