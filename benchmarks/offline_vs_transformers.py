@@ -64,6 +64,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="model directory (the shared bench model)")
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--baseline-dtypes", nargs="+", default=None,
+                    help="dtypes to run transformers in (default: --dtype); e.g. bfloat16 float32 on CPUs without "
+                         "bf16 arithmetic, where transformers is faster in fp32")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16, 32])
     ap.add_argument("--prompt-tokens", type=int, default=256)
     ap.add_argument("--new-tokens", type=int, default=128)
@@ -73,14 +76,18 @@ def main() -> None:
 
     batches = {b: make_prompts(b, args.prompt_tokens, 50000, args.seed + b) for b in args.batch_sizes}
     loom = run_loom(args.model, args.dtype, batches, args.new_tokens)
-    hf = run_transformers(args.model, args.dtype, batches, args.new_tokens)
-    print(f"\n{'batch':>5} {'loom tok/s':>11} {'transformers tok/s':>19} {'ratio':>6}")
-    for b in args.batch_sizes:
-        print(f"{b:5d} {loom[b]:11.1f} {hf[b]:19.1f} {loom[b] / hf[b]:5.2f}x")
+    baselines = {d: run_transformers(args.model, d, batches, args.new_tokens)
+                 for d in args.baseline_dtypes or [args.dtype]}
+    for dtype, hf in baselines.items():
+        print(f"\nLoom {args.dtype} vs transformers {dtype}")
+        print(f"{'batch':>5} {'loom tok/s':>11} {'transformers tok/s':>19} {'ratio':>6}")
+        for b in args.batch_sizes:
+            print(f"{b:5d} {loom[b]:11.1f} {hf[b]:19.1f} {loom[b] / hf[b]:5.2f}x")
     if args.json:
         report = dict(machine=platform.processor() or platform.machine(), threads=torch.get_num_threads(),
-                      dtype=args.dtype, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
-                      loom=loom, transformers=hf, ratio={b: loom[b] / hf[b] for b in args.batch_sizes})
+                      dtype=args.dtype, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, loom=loom,
+                      transformers={d: hf for d, hf in baselines.items()},
+                      ratio={d: {b: loom[b] / hf[b] for b in args.batch_sizes} for d, hf in baselines.items()})
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
 

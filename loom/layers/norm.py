@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loom.layers.kernels import fused_cpu
 from loom.layers.linear import ReplicatedLinear
 
 
@@ -24,6 +25,9 @@ class RMSNorm(nn.Module):
         self.weight = _replicated(hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fused = fused_cpu.rms_norm(x, self.weight, self.eps)  # one pass on CPU, same roundings
+        if fused is not None:
+            return fused
         # F.rms_norm without a weight is x * rsqrt(mean(x²) + eps) in one pass: the same values as transformers'
         # three ops (bit for bit in bf16, measured), ~1.5x faster on a 4096-token prefill.
         return self.weight * F.rms_norm(x.float(), x.shape[-1:], None, self.eps).to(x.dtype)

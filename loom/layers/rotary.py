@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from loom.layers.kernels import fused_cpu
+
 
 def rope_parameters(hf_config: dict[str, Any]) -> dict[str, Any]:
     """transformers ≥ 5 writes `rope_parameters`; older checkpoints have `rope_theta` + `rope_scaling`."""
@@ -149,6 +151,11 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q: (T, Hq, D), k: (T, Hkv, D), positions: (T,) → rotated q, k."""
+        fused_q = fused_cpu.rotary(q, self.cos, self.sin, positions, self.rotary_dim)  # one pass each on CPU
+        if fused_q is not None:
+            fused_k = fused_cpu.rotary(k, self.cos, self.sin, positions, self.rotary_dim)
+            if fused_k is not None:
+                return fused_q, fused_k
         cos = self.cos[positions].to(q.dtype).unsqueeze(1)  # (T, 1, rotary_dim)
         sin = self.sin[positions].to(q.dtype).unsqueeze(1)
         return _apply(q, cos, sin, self.rotary_dim), _apply(k, cos, sin, self.rotary_dim)

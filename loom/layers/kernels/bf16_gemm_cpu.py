@@ -139,31 +139,42 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor packed, c10::optional<torch:
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "linear: fp32 or bf16 input");
   auto shape = x.sizes().vec();
   shape.back() = N;
-  auto A = x.reshape({-1, K}).to(at::kFloat).contiguous();
-  const int64_t M = A.size(0);
+  auto x2 = x.reshape({-1, K});
+  if (x2.stride(1) != 1) x2 = x2.contiguous();
+  const int64_t M = x2.size(0), lda = x2.stride(0);
   auto out = torch::empty({M, N}, x.options());
   if (M == 0) return out.view(shape);
   at::Tensor bias_f;
   if (bias.has_value() && bias->defined()) bias_f = bias->to(at::kFloat).contiguous();
   const float* bp = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
-  const float* Ap = A.data_ptr<float>();
   const uint16_t* Bp = reinterpret_cast<const uint16_t*>(packed.data_ptr());
-  // Rows packed into MR-row tiles (k-major), so each tile's broadcasts walk one contiguous stream.
+  // Rows widened to fp32 and packed into MR-row tiles (k-major), so each tile's broadcasts walk one contiguous
+  // stream; one row is only widened.
   const int64_t tiles = (M + MR - 1) / MR;
-  at::Tensor At;
-  if (M > 1) {
-    At = torch::zeros({tiles, K, MR}, A.options());
-    float* dst = At.data_ptr<float>();
+  auto At = torch::empty({M == 1 ? K : tiles * K * MR}, x.options().dtype(at::kFloat));
+  float* Atp = At.data_ptr<float>();
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "bf16_weight_pack_rows", [&] {
+    const scalar_t* xp = x2.data_ptr<scalar_t>();
+    if (M == 1) {
+      for (int64_t k = 0; k < K; ++k) Atp[k] = static_cast<float>(xp[k]);
+      return;
+    }
     at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t)
-        for (int64_t r = 0; r < MR && t * MR + r < M; ++r) {
-          const float* s = Ap + (t * MR + r) * K;
-          float* d = dst + t * K * MR + r;
-          for (int64_t k = 0; k < K; ++k) d[k * MR] = s[k];
+      for (int64_t t = begin; t < end; ++t) {
+        float* d = Atp + t * K * MR;
+        for (int64_t r = 0; r < MR; ++r) {
+          const int64_t row = t * MR + r;
+          if (row < M) {
+            const scalar_t* s = xp + row * lda;
+            for (int64_t k = 0; k < K; ++k) d[k * MR + r] = static_cast<float>(s[k]);
+          } else {
+            for (int64_t k = 0; k < K; ++k) d[k * MR + r] = 0.f;
+          }
         }
+      }
     });
-  }
-  const float* Atp = M > 1 ? At.data_ptr<float>() : nullptr;
+  });
+  const float* Ap = Atp;
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "bf16_weight_linear", [&] {
     scalar_t* op = out.data_ptr<scalar_t>();
     at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
@@ -218,7 +229,7 @@ def load() -> ModuleType | None:
     """The compiled kernel on an x86 CPU with AVX2 and FMA, else None."""
     if not {"avx2", "fma"} <= cpu_flags():
         return None
-    module = load_kernel("loom_bf16_gemm_cpu_v2", _SOURCE)
+    module = load_kernel("loom_bf16_gemm_cpu_v3", _SOURCE)
     return module if module is not None and module.supported() else None
 
 

@@ -1,0 +1,77 @@
+"""The fused CPU kernels (RMSNorm, rotary) against the torch code they replace, in every dtype:
+the same values, up to one rounding step where the kernel sums in another order."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from loom.layers.kernels import fused_cpu
+from loom.layers.norm import RMSNorm
+from loom.layers.rotary import RotaryEmbedding, _apply
+
+pytestmark = pytest.mark.skipif(fused_cpu.load() is None, reason="no C++ toolchain: the torch paths are used")
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def within_one_rounding(got: torch.Tensor, want: torch.Tensor, inner: torch.Tensor | None = None) -> None:
+    """One rounding of the result apart, plus one of an intermediate whose error the last op scales by `inner`."""
+    assert got.dtype == want.dtype and got.shape == want.shape
+    if want.dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        return
+    info = torch.finfo(want.dtype)
+    bound = want.float().abs() + (0 if inner is None else inner.abs())
+    assert ((got.float() - want.float()).abs() <= info.eps * bound.clamp_min(info.tiny) * 1.01).all()
+    assert (got == want).float().mean() > 0.99  # ties aside, bit-identical
+
+
+def reference_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return weight * F.rms_norm(x.float(), x.shape[-1:], None, eps).to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 3, 64])
+def test_rms_norm(dtype, rows):
+    gen = torch.Generator().manual_seed(rows)
+    x = (torch.randn(rows, 960, generator=gen) * 3).to(dtype)
+    w = torch.randn(960, generator=gen).to(dtype)
+    within_one_rounding(fused_cpu.rms_norm(x, w, 1e-5), reference_rms_norm(x, w, 1e-5), scaled(x, w))
+    strided = torch.randn(rows, 2, 960, generator=gen).to(dtype)[:, 1]  # rows of a wider tensor
+    within_one_rounding(fused_cpu.rms_norm(strided, w, 1e-6), reference_rms_norm(strided, w, 1e-6),
+                        scaled(strided, w))
+    norm = RMSNorm(960, 1e-5).to(dtype)
+    norm.weight.data.copy_(w)
+    within_one_rounding(norm(x.view(rows, 1, 960)), reference_rms_norm(x, w, 1e-5).view(rows, 1, 960),
+                        scaled(x, w).view(rows, 1, 960))
+
+
+def scaled(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    # the normalised row is rounded before the weight multiplies it: its rounding error is scaled by |w|
+    return w.float() * F.rms_norm(x.float(), x.shape[-1:], None, 1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim,rotary_dim", [(64, 64), (96, 32), (128, 128)])
+def test_rotary_equals_rotate_half(dtype, head_dim, rotary_dim):
+    gen = torch.Generator().manual_seed(head_dim + rotary_dim)
+    rope = RotaryEmbedding(head_dim, rotary_dim, 512, {"rope_type": "default", "rope_theta": 10000.0})
+    qkv = torch.randn(7, 3 * 4 * head_dim, generator=gen).to(dtype)  # q is a strided slice of a fused output
+    q = qkv[:, : 4 * head_dim].view(7, 4, head_dim)
+    positions = torch.tensor([0, 1, 5, 100, 101, 102, 511])
+    cos = rope.cos[positions].to(dtype).unsqueeze(1)
+    sin = rope.sin[positions].to(dtype).unsqueeze(1)
+    got = fused_cpu.rotary(q, rope.cos, rope.sin, positions, rotary_dim)
+    assert torch.equal(got, _apply(q, cos, sin, rotary_dim))  # the same ops in the same order: bit-identical
+    q2, k2 = rope(positions, q, q[:, :2])
+    assert torch.equal(q2, got) and torch.equal(k2, got[:, :2])
+
+
+def test_paths_that_do_not_apply_fall_back():
+    assert fused_cpu.rms_norm(torch.randn(2, 8), torch.randn(8).double(), 1e-6) is None  # mixed dtypes
+    x = torch.randn(3, 4, 8).transpose(0, 1)  # heads not packed
+    rope = RotaryEmbedding(8, 8, 16, {"rope_type": "default", "rope_theta": 10000.0})
+    assert fused_cpu.rotary(x, rope.cos, rope.sin, torch.arange(4), 8) is None
+    long = torch.randn(fused_cpu.ROTARY_MAX_ROWS + 1, 2, 8)  # prefill-sized: torch's vectorised ops
+    assert fused_cpu.rotary(long, rope.cos, rope.sin, torch.arange(long.shape[0]) % 16, 8) is None
