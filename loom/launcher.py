@@ -138,14 +138,15 @@ class Launcher:
     def _spawn_engine(self, config_path: Path) -> None:
         """Rank 0 (the engine), then this host's other ranks as `loom shard` processes."""
         world, local = self.args["num_shard"], self.args["local_shards"]
+        kernels = {"LOOM_DISABLE_CPU_KERNELS": "1"} if self.args["disable_custom_kernels"] else {}
         if world == 1:
-            self._spawn("engine", ["engine", "--config", str(config_path)])
+            self._spawn("engine", ["engine", "--config", str(config_path)], kernels)
             return
-        self._spawn("engine rank 0", ["engine", "--config", str(config_path)])
+        self._spawn("engine rank 0", ["engine", "--config", str(config_path)], kernels)
         for rank in range(1, local):
             env = {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
                    "LOCAL_WORLD_SIZE": str(local), "MASTER_ADDR": self.args["master_addr"],
-                   "MASTER_PORT": str(self.args["master_port"])}
+                   "MASTER_PORT": str(self.args["master_port"]), **kernels}
             shard_args = ["shard", "--json-output"] if self.args["json_output"] else ["shard"]
             self._spawn(f"engine rank {rank}", shard_args, env)
         if local < world:

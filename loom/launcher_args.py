@@ -60,6 +60,8 @@ SUPPORTED: list[tuple[str, Any, Any, str]] = [
     ("--enable-prefill-logprobs", "flag", False, "Allow `decoder_input_details` to return prompt logprobs"),
     ("--graceful-termination-timeout", int, 90, "Seconds children get to exit after SIGTERM"),
     ("--disable-grammar-support", "flag", False, "Refuse `grammar` / `response_format` requests"),
+    ("--disable-custom-kernels", "flag", False,
+     "Run torch's operators only: none of Loom's C++ CPU kernels (bf16 GEMM, decode attention, norms)"),
     ("--master-addr", str, "localhost", "torch.distributed master address (tensor parallelism)"),
     ("--master-port", int, 29500, "torch.distributed master port (tensor parallelism)"),
     ("--huggingface-hub-cache", str, None, "Hub cache directory (HF_HUB_CACHE)"),
@@ -86,10 +88,9 @@ UNSUPPORTED: dict[str, str] = {
     "--ngrok-authtoken": "ngrok tunnels are not supported",
     "--ngrok-edge": "ngrok tunnels are not supported",
     "--weights-cache-override": "not supported; pass a local directory as --model-id",
-    "--disable-custom-kernels": "Loom has no custom kernels to disable",
     "--shard-uds-path": "Loom picks a unique socket per server instance itself",
 }
-_UNSUPPORTED_SWITCHES = {"--trust-remote-code", "--ngrok", "--disable-custom-kernels"}
+_UNSUPPORTED_SWITCHES = {"--trust-remote-code", "--ngrok"}
 
 
 def env_name(flag: str) -> str:

@@ -48,6 +48,12 @@ def test_unsupported_flags_are_refused(argv, env, message):
         resolve(argv, environ=env)
 
 
+def test_disable_custom_kernels_is_a_switch():
+    assert resolve([], environ={})["disable_custom_kernels"] is False
+    assert resolve(["--disable-custom-kernels"], environ={})["disable_custom_kernels"] is True
+    assert resolve([], environ={"DISABLE_CUSTOM_KERNELS": "true"})["disable_custom_kernels"] is True
+
+
 def test_hostname_quirk_and_help():
     # HOSTNAME is the machine name in most environments: TGI falls back to 0.0.0.0 when it is not an address
     assert resolve([], environ={"HOSTNAME": "my-box"})["hostname"] == "0.0.0.0"
@@ -77,3 +83,11 @@ def test_shard_count_follows_tgi():
 def test_impossible_shard_settings_are_refused(argv, message):
     with pytest.raises(SystemExit, match=message):
         resolve(argv, environ={})
+
+
+def test_kernels_switch_off_without_compiling(monkeypatch):
+    from loom.layers.kernels import build
+
+    monkeypatch.setenv("LOOM_DISABLE_CPU_KERNELS", "1")
+    monkeypatch.setattr(build, "_built", {})
+    assert build.load_kernel("loom_never_built", "this is not C++") is None
