@@ -10,6 +10,7 @@ the same whatever the number of ranks.
 from __future__ import annotations
 
 import logging
+import threading
 
 import torch
 import torch.distributed as dist
@@ -18,7 +19,7 @@ from loom.config import ModelConfig
 from loom.distributed.comm import RankFailure, broadcast_message
 from loom.distributed.parallel_state import get_tp_group, kv_head_range
 from loom.layers.forward_context import AttentionMetadata, ForwardContext, PrefillSpan, forward_context
-from loom.layers.kernels import paged_decode_cpu
+from loom.layers.kernels.build import prebuild
 from loom.layers.linear import pack_linear_weights
 from loom.models.loader import load_model
 from loom.protocol import shard
@@ -37,12 +38,18 @@ class ModelRunner:
             dtype = str(model_config.dtype).removeprefix("torch.")
             self._send(shard.LoadModel(str(model_config.path), dtype, model_config.architecture, num_blocks,
                                        block_size))
+        # CPU kernels compile (first start on a machine) or load from the cache while the weights load
+        kernels = threading.Thread(target=prebuild, name="loom-kernel-build", daemon=True)
+        if self.device.type == "cpu":
+            kernels.start()
         self.model = load_model(model_config, self.device)
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         self.rank_weight_bytes = self._gather_weight_bytes()  # also the point where every rank has its shard
         if self.tp.size > 1 and self.tp.is_driver:
             logger.info("tensor parallel over %d ranks; weights per rank: %s MB", self.tp.size,
                         ", ".join(f"{b / 1e6:.1f}" for b in self.rank_weight_bytes))
+        if kernels.is_alive():
+            kernels.join()
         packed = pack_linear_weights(self.model)  # after the byte count: packing releases the plain weights
         if packed:
             logger.info("%d linear layers use packed bf16 weights", packed)
@@ -53,8 +60,6 @@ class ModelRunner:
             torch.zeros(shape, dtype=model_config.dtype, device=self.device) for _ in range(model_config.num_layers)
         ]
         self._block_offsets = torch.arange(block_size, device=self.device)
-        if self.device.type == "cpu":
-            paged_decode_cpu.load()  # compile (or load the cached build) now rather than in the first step
 
     def _send(self, msg: shard.Message) -> None:
         broadcast_message(self.tp, *shard.encode(msg))

@@ -20,6 +20,7 @@ logger = logging.getLogger(__name__)
 
 _CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 _lock = threading.Lock()
+_locks: dict[str, threading.Lock] = {}
 _built: dict[str, ModuleType | None] = {}
 
 
@@ -47,6 +48,8 @@ def load_kernel(name: str, source: str, extra_cflags: tuple[str, ...] = ()) -> M
     if name in _built:
         return _built[name]
     with _lock:
+        lock = _locks.setdefault(name, threading.Lock())
+    with lock:  # one build per kernel; different kernels may build at once (prebuild)
         if name in _built:
             return _built[name]
         module = None
@@ -62,3 +65,14 @@ def load_kernel(name: str, source: str, extra_cflags: tuple[str, ...] = ()) -> M
                 logger.warning("CPU kernel %s unavailable (%s); using the torch path", name, err)
         _built[name] = module
         return module
+
+
+def prebuild() -> None:
+    """Build (or load) every CPU kernel now, two compilers at a time, rather than one by one in the first steps:
+    each build is a single-threaded compile of about a minute on a new machine, a cache hit afterwards."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from loom.layers.kernels import bf16_gemm_cpu, fused_cpu, paged_decode_cpu
+
+    with ThreadPoolExecutor(max_workers=max(1, min(3, os.cpu_count() or 1))) as pool:
+        list(pool.map(lambda load: load(), (paged_decode_cpu.load, bf16_gemm_cpu.load, fused_cpu.load)))
