@@ -7,6 +7,9 @@ ARG BASE=cpu
 FROM python:3.11-slim AS base-cpu
 # The CPU wheel of torch: the default index would pull the multi-GB CUDA build.
 ENV PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu
+# A C++ compiler for Loom's CPU kernels (bf16 GEMM on AVX2 CPUs, decode attention, norms), built with -march=native
+# on the serving machine at first start and kept on the volume (one build per CPU); without one, torch's slower ops.
+RUN apt-get update && apt-get install -y --no-install-recommends g++ && rm -rf /var/lib/apt/lists/*
 
 FROM nvidia/cuda:12.8.1-runtime-ubuntu24.04 AS base-cuda
 RUN apt-get update && apt-get install -y --no-install-recommends python3.11 python3.11-venv python3-pip \
@@ -22,6 +25,7 @@ RUN python -m venv /opt/venv && /opt/venv/bin/pip install --no-cache-dir .
 ENV PATH=/opt/venv/bin:$PATH \
     HF_HOME=/data \
     LOOM_CACHE=/data/loom \
+    TORCH_EXTENSIONS_DIR=/data/torch_extensions \
     PORT=80
 RUN mkdir -p /data && chown loom:loom /data
 # Port 80 as a non-root user: Docker ≥ 20.10 sets net.ipv4.ip_unprivileged_port_start=0 in containers.

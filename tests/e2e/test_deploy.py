@@ -55,3 +55,5 @@ def test_dockerfile_contract():
     assert "PORT=80" in text and "HF_HOME=/data" in text
     assert "pip install --no-cache-dir ." in text  # installed from the project's own files, as the README does
     assert 'ENTRYPOINT ["text-generation-launcher"]' in text
+    assert "install -y --no-install-recommends g++" in text  # the CPU kernels compile at first start
+    assert "TORCH_EXTENSIONS_DIR=/data/torch_extensions" in text  # ... once per CPU, kept on the volume
