@@ -76,10 +76,6 @@ def packing_kind(weight: torch.Tensor) -> str | None:
     return None
 
 
-def packed_matmul_available(weight: torch.Tensor) -> bool:
-    return packing_kind(weight) is not None
-
-
 @cache
 def _onednn_packs_bf16() -> bool:
     # oneDNN packs bf16 only on CPUs with native bf16 conversions (AVX-512 BW/VL/DQ or AVX-NE-CONVERT)
