@@ -23,7 +23,7 @@ import torch
 
 from loom.layers.kernels import bf16_gemm_cpu
 from loom.layers.kernels.build import cpu_flags, load_kernel
-from loom.layers.linear import _onednn_packs_bf16
+from loom.layers.linear import onednn_packs_bf16
 
 # Independent FMA chains in registers on every thread: the arithmetic peak no matmul can pass.
 _FMA_PEAK = r"""
@@ -94,7 +94,7 @@ def main() -> None:
     ws = {(k, n): torch.randn(n, k).bfloat16() for k, n in shapes}
     flops = sum(2 * m * k * n for k, n in shapes)
     paths = {}
-    if _onednn_packs_bf16():
+    if onednn_packs_bf16():
         packed = {s: torch.ops.mkldnn._reorder_linear_weight(w, m) for s, w in ws.items()}
         paths["bf16 matmul, packed oneDNN"] = lambda s: torch.ops.mkldnn._linear_pointwise(
             xs[s], packed[s], None, "none", [], "")

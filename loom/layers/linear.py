@@ -69,7 +69,7 @@ def packing_kind(weight: torch.Tensor) -> str | None:
     if (weight.device.type != "cpu" or weight.dtype != torch.bfloat16 or weight.dim() != 2
             or os.environ.get("LOOM_DISABLE_PACKED_LINEAR") == "1"):
         return None
-    if _onednn_packs_bf16():
+    if onednn_packs_bf16():
         return "onednn"
     if bf16_gemm_cpu.load() is not None:
         return "avx2_bf16"
@@ -77,7 +77,7 @@ def packing_kind(weight: torch.Tensor) -> str | None:
 
 
 @cache
-def _onednn_packs_bf16() -> bool:
+def onednn_packs_bf16() -> bool:
     # oneDNN packs bf16 only on CPUs with native bf16 conversions (AVX-512 BW/VL/DQ or AVX-NE-CONVERT)
     check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
     return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
@@ -107,9 +107,10 @@ class PackableLinear(nn.Module):
     _packed: PackedWeight | None = None
 
     def pack_for_inference(self) -> bool:
-        if self._packed is not None or packing_kind(self.weight) is None:
+        kind = None if self._packed is not None else packing_kind(self.weight)
+        if kind is None:
             return False
-        self._packed = pack_weight(self.weight)
+        self._packed = pack_weight(self.weight, kind)
         if not self.keeps_plain_weight:
             self.weight = nn.Parameter(self.weight.new_empty(0), requires_grad=False)  # loaded already: drop it
         return True

@@ -125,9 +125,8 @@ def load() -> ModuleType | None:
     return load_kernel("loom_fused_cpu_v4", _SOURCE, ("-ffp-contract=off",))
 
 
-def _usable(*tensors: torch.Tensor) -> ModuleType | None:
-    first = tensors[0]
-    if first.device.type != "cpu" or first.dtype not in _DTYPES or torch.is_grad_enabled() and first.requires_grad:
+def _usable(x: torch.Tensor) -> ModuleType | None:
+    if x.device.type != "cpu" or x.dtype not in _DTYPES or torch.is_grad_enabled() and x.requires_grad:
         return None
     return load()
 
