@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from loom.distributed.parallel_state import divide, get_tp_group, kv_head_range
-from loom.layers.kernels import bf16_gemm_cpu
+from loom.layers.kernels import bf16_dot_gemm_cpu, bf16_gemm_cpu
+from loom.layers.kernels.build import cpu_flags
 
 
 class CheckpointTensor(Protocol):
@@ -45,8 +46,11 @@ def _empty(*shape: int, dtype: torch.dtype | None = None) -> nn.Parameter:
 class PackedWeight:
     """A linear layer's weight re-laid-out once, at load, for the fastest CPU matmul this machine has.
 
-    "onednn": oneDNN's blocked bf16 layout (CPUs with AVX-512 BF16 or AMX, or AVX-NE-CONVERT): bit-identical to
-    `F.linear`, 1.9x faster at one token per step, 1.4x at 32, ~7% at 256 on the bench model.
+    "onednn": oneDNN's blocked bf16 layout (CPUs with AMX, or AVX-512 BW/VL/DQ or AVX-NE-CONVERT without the
+    kernel below): bit-identical to `F.linear`, 1.9x faster at one token per step, 1.4x at 32, ~7% at 256 on the
+    bench model (AVX-512 BF16 CPU).
+    "avx512_bf16": Loom's `vdpbf16ps` panels for CPUs with AVX-512 BF16 but no AMX (kernels/bf16_dot_gemm_cpu.py),
+    where oneDNN's GEMM is slow at decode-sized row counts; fp32 accumulation, not bit-identical to `F.linear`.
     "avx2_bf16": Loom's panels for AVX2+FMA CPUs without bf16 arithmetic (kernels/bf16_gemm_cpu.py), where
     torch's bf16 matmul has no fast path (7x faster at 16 rows, 7x at 256 on the bench model); fp32 accumulation,
     not bit-identical to `F.linear` (the sums run in another order).
@@ -59,6 +63,8 @@ class PackedWeight:
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.kind == "onednn":
             return torch.ops.mkldnn._linear_pointwise(x, self.data, bias, "none", [], "")
+        if self.kind == "avx512_bf16":
+            return bf16_dot_gemm_cpu.linear(x, self.data, bias, self.out_features)
         return bf16_gemm_cpu.linear(x, self.data, bias, self.out_features)
 
 
@@ -69,6 +75,18 @@ def packing_kind(weight: torch.Tensor) -> str | None:
     if (weight.device.type != "cpu" or weight.dtype != torch.bfloat16 or weight.dim() != 2
             or os.environ.get("LOOM_DISABLE_PACKED_LINEAR") == "1"):
         return None
+    return cpu_bf16_packing()
+
+
+@cache
+def cpu_bf16_packing() -> str | None:
+    """This CPU's bf16 matmul path, from its flags (building the kernel it needs, the first time on a machine).
+
+    AMX: oneDNN's tile kernels beat anything here. AVX-512 BF16 without AMX: Loom's kernel (1.2-1.6x oneDNN at
+    decode row counts, on par at prefill sizes; kernels/bf16_dot_gemm_cpu.py). Other CPUs that oneDNN packs bf16
+    for: oneDNN. AVX2 + FMA only: Loom's AVX2 kernel."""
+    if "amx_bf16" not in cpu_flags() and bf16_dot_gemm_cpu.load() is not None:
+        return "avx512_bf16"
     if onednn_packs_bf16():
         return "onednn"
     if bf16_gemm_cpu.load() is not None:
@@ -88,6 +106,8 @@ def pack_weight(weight: torch.Tensor, kind: str | None = None) -> PackedWeight:
     kind = kind or packing_kind(weight)
     if kind == "onednn":
         return PackedWeight(kind, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1), weight.shape[0])
+    if kind == "avx512_bf16":
+        return PackedWeight(kind, bf16_dot_gemm_cpu.pack(weight), weight.shape[0])
     if kind == "avx2_bf16":
         return PackedWeight(kind, bf16_gemm_cpu.pack(weight), weight.shape[0])
     raise ValueError(f"no packed layout for a {weight.dtype} weight on {weight.device} here")

@@ -1,5 +1,5 @@
-"""Packed bf16 weights (oneDNN's layout, or Loom's AVX2 kernel on CPUs without bf16 arithmetic): the same results
-as the plain matmul, through a whole model."""
+"""Packed bf16 weights (oneDNN's layout; Loom's AVX-512 BF16 kernel on CPUs with bf16 dot products but no AMX; Loom's
+AVX2 kernel on CPUs without bf16 arithmetic): the same results as the plain matmul, through a whole model."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ import torch
 import torch.nn.functional as F
 
 from loom import LLM, SamplingParams
-from loom.layers.kernels import bf16_gemm_cpu
+from loom.layers.kernels import bf16_dot_gemm_cpu, bf16_gemm_cpu
 from loom.layers.linear import (
     ColumnParallelLinear,
+    onednn_packs_bf16,
     pack_linear_weights,
     pack_weight,
     packed_linear,
@@ -20,6 +21,8 @@ from loom.layers.linear import (
 KIND = packing_kind(torch.empty(1, 1, dtype=torch.bfloat16))
 pytestmark = pytest.mark.skipif(KIND is None, reason="no packed bf16 matmul on this CPU or torch build")
 avx2_kernel = pytest.mark.skipif(bf16_gemm_cpu.load() is None, reason="no AVX2/FMA or no C++ toolchain")
+avx512_bf16_kernel = pytest.mark.skipif(bf16_dot_gemm_cpu.load() is None,
+                                        reason="no AVX-512 BF16 or no C++ toolchain")
 
 
 def close_to_fp32(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> None:
@@ -52,14 +55,42 @@ def test_avx2_kernel_takes_no_rows():
     assert packed_linear(torch.empty(0, 8).bfloat16(), packed, None).shape == (0, 20)
 
 
-@pytest.mark.skipif(KIND != "onednn", reason="oneDNN packs bf16 only on CPUs with AVX-512 BW/VL/DQ or AVX-NE-CONVERT")
+@avx512_bf16_kernel
+@pytest.mark.parametrize("rows", [1, 2, 5, 6, 7, 13, 100, 197])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_avx512_bf16_kernel_matches_the_fp32_product(rows, dtype):
+    gen = torch.Generator().manual_seed(rows)
+    # odd k (a padded pair), features that fill no panel / no panel group, a panel group and a half, bias or not
+    for out_features, in_features, bias in [(80, 96, True), (83, 97, False), (7, 33, True), (1600, 960, False),
+                                            (100, 64, True)]:
+        w = torch.randn(out_features, in_features, generator=gen).bfloat16()
+        b = torch.randn(out_features, generator=gen).bfloat16() if bias else None
+        x = torch.randn(rows, in_features, generator=gen).to(dtype)
+        packed = pack_weight(w, "avx512_bf16")
+        close_to_fp32(packed_linear(x, packed, b), x, w, b)
+        # a strided view (every other row) is read as it is
+        wide = torch.randn(rows, 2 * in_features, generator=gen).to(dtype)[:, :in_features]
+        close_to_fp32(packed_linear(wide, packed, b), wide, w, b)
+        if rows == 6:  # leading dims are kept
+            y = packed_linear(x.view(2, 3, in_features), packed, b)
+            assert y.shape == (2, 3, out_features) and torch.equal(y.view(6, -1), packed_linear(x, packed, b))
+
+
+@avx512_bf16_kernel
+def test_avx512_bf16_kernel_takes_no_rows():
+    packed = pack_weight(torch.randn(20, 8).bfloat16(), "avx512_bf16")
+    assert packed_linear(torch.empty(0, 8).bfloat16(), packed, None).shape == (0, 20)
+
+
+@pytest.mark.skipif(not onednn_packs_bf16(),
+                    reason="oneDNN packs bf16 only on CPUs with AVX-512 BW/VL/DQ or AVX-NE-CONVERT")
 @pytest.mark.parametrize("rows", [1, 7, 64])
 def test_onednn_packed_matmul_equals_plain(rows):
     gen = torch.Generator().manual_seed(rows)
     x = torch.randn(rows, 96, generator=gen).bfloat16()
     w = torch.randn(80, 96, generator=gen).bfloat16()
     b = torch.randn(80, generator=gen).bfloat16()
-    assert torch.equal(packed_linear(x, pack_weight(w), b), F.linear(x, w, b))
+    assert torch.equal(packed_linear(x, pack_weight(w, "onednn"), b), F.linear(x, w, b))
 
 
 def test_packing_releases_the_plain_weight():

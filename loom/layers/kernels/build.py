@@ -13,6 +13,7 @@ import logging
 import os
 import platform
 import threading
+import time
 from functools import cache
 from types import ModuleType
 
@@ -55,12 +56,19 @@ def load_kernel(name: str, source: str, extra_cflags: tuple[str, ...] = ()) -> M
         module = None
         if os.environ.get("LOOM_DISABLE_CPU_KERNELS") != "1":
             try:
-                from torch.utils.cpp_extension import load_inline
+                from torch.utils.cpp_extension import _get_build_directory, load_inline
 
+                full_name = f"{name}_{_cpu_digest()}"
+                cached = os.path.exists(os.path.join(_get_build_directory(full_name, False), f"{full_name}.so"))
+                if not cached:  # a first start on this CPU: say why it takes a while
+                    logger.info("building CPU kernel %s for this CPU (once; about a minute)", name)
+                started = time.monotonic()
                 module = load_inline(
-                    f"{name}_{_cpu_digest()}", cpp_sources=[source], extra_cflags=[*_CFLAGS, *extra_cflags],
+                    full_name, cpp_sources=[source], extra_cflags=[*_CFLAGS, *extra_cflags],
                     extra_ldflags=["-fopenmp"], verbose=False,
                 )
+                if not cached:
+                    logger.info("built CPU kernel %s in %.0f s", name, time.monotonic() - started)
             except Exception as err:  # noqa: BLE001 — no compiler, no headers: the torch path is used
                 logger.warning("CPU kernel %s unavailable (%s); using the torch path", name, err)
         _built[name] = module
@@ -69,10 +77,12 @@ def load_kernel(name: str, source: str, extra_cflags: tuple[str, ...] = ()) -> M
 
 def prebuild() -> None:
     """Build (or load) every CPU kernel now, two compilers at a time, rather than one by one in the first steps:
-    each build is a single-threaded compile of about a minute on a new machine, a cache hit afterwards."""
+    each build is a single-threaded compile of about a minute on a new machine, a cache hit afterwards. Only the
+    matmul kernel this CPU's dispatch picks is built (layers/linear.py: cpu_bf16_packing)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from loom.layers.kernels import bf16_gemm_cpu, fused_cpu, paged_decode_cpu
+    from loom.layers.kernels import fused_cpu, paged_decode_cpu
+    from loom.layers.linear import cpu_bf16_packing
 
     with ThreadPoolExecutor(max_workers=max(1, min(3, os.cpu_count() or 1))) as pool:
-        list(pool.map(lambda load: load(), (paged_decode_cpu.load, bf16_gemm_cpu.load, fused_cpu.load)))
+        list(pool.map(lambda load: load(), (paged_decode_cpu.load, cpu_bf16_packing, fused_cpu.load)))
