@@ -1,6 +1,7 @@
-"""The C++ paged decode-attention kernel against a plain torch reference: every dtype, head sizes on the SIMD path
-(AVX-512 or AVX2, whichever this CPU has: the sizes it specialises) and off it, GQA, sliding windows, scattered
-block tables."""
+"""The C++ paged decode-attention kernel against a plain torch reference: every dtype, head sizes on the SIMD paths
+(AVX-512 or AVX2, whichever this CPU has; with AVX-512 BF16, bf16 caches at head sizes 64/96/128/256 take the
+bf16 dot-product path) and off them, GQA, sliding windows, scattered block tables, contexts that end inside and on
+a 16-token group."""
 
 from __future__ import annotations
 
@@ -28,17 +29,17 @@ def reference(q, k_cache, v_cache, tables, lens, block_size, scale, window):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("head_dim", [16, 64, 128, 48])
+@pytest.mark.parametrize("head_dim", [16, 64, 128, 48, 96, 256])
 @pytest.mark.parametrize("window", [-1, 9])
 def test_kernel_matches_reference(dtype, head_dim, window):
     gen = torch.Generator().manual_seed(head_dim)
-    batch, q_heads, kv_heads, max_len, block_size = 5, 6, 2, 70, 16
+    batch, q_heads, kv_heads, max_len, block_size = 7, 6, 2, 150, 16
     blocks_per_seq = -(-max_len // block_size)
     num_blocks = batch * blocks_per_seq + 1
     k_cache = torch.randn(num_blocks * block_size, kv_heads, head_dim, generator=gen).to(dtype)
     v_cache = torch.randn(num_blocks * block_size, kv_heads, head_dim, generator=gen).to(dtype)
     tables = (torch.randperm(num_blocks - 1, generator=gen)[: batch * blocks_per_seq].view(batch, -1) + 1).int()
-    lens = torch.tensor([1, 9, 16, 17, 70], dtype=torch.int32)
+    lens = torch.tensor([1, 9, 16, 17, 70, 32, 150], dtype=torch.int32)
     q = torch.randn(batch, q_heads, head_dim, generator=gen).to(dtype)
     got = kernel.paged_decode(q, k_cache, v_cache, tables, lens, block_size, 0.3, window)
     assert got.dtype == dtype

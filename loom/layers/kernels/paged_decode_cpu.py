@@ -3,7 +3,9 @@
 torch's path has to gather every sequence's keys and values out of the cache into a padded tensor (and cast them
 to fp32, because the CPU SDPA kernel is slow in bf16 for one query) before attending: three full copies of the
 context per layer and step. This kernel walks each sequence's block table instead and reads every cached key and
-value exactly once, converting bf16/fp16 to fp32 in registers.
+value exactly once, converting bf16/fp16 to fp32 in registers. On CPUs with AVX-512 BF16, bf16 caches take a
+path of bf16 dot products for q . k, 16 tokens at a time (1.5-1.7x the generic path with the cache in L3 at batch
+32 × 256-384 context, 7% from DRAM, where reading the cache bounds it; Zen 4, 2 cores).
 
 It is compiled on first use (kernels/build.py: cached per CPU under TORCH_EXTENSIONS_DIR); when no compiler is
 available it reports itself unavailable and attention falls back to the torch path.
@@ -216,6 +218,174 @@ static void decode_kernel_simd(const T* q, const T* kc, const T* vc, const int32
   });
 }
 
+#if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512BW__)
+// bf16 caches on CPUs with `vdpbf16ps`: q . k for 16 tokens at a time as bf16 dot products (products exact in
+// fp32, no widening of the keys), the 16 partial-sum vectors folded into one vector of 16 scores by a transpose
+// tree (15 adds instead of 16 horizontal sums), softmax vectorised, values widened in registers. ~3x fewer
+// instructions per cached token than the generic SIMD path.
+#define LOOM_DECODE_BF16_DOT 1
+
+// lane i of the result = sum of the 16 lanes of s[i]
+static inline __m512 fold16(const __m512* s) {
+  __m512 t[8], u[4];
+  for (int i = 0; i < 8; ++i)
+    t[i] = _mm512_add_ps(_mm512_unpacklo_ps(s[2 * i], s[2 * i + 1]), _mm512_unpackhi_ps(s[2 * i], s[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {
+    const __m512d a = _mm512_castps_pd(t[2 * i]), b = _mm512_castps_pd(t[2 * i + 1]);
+    u[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+  }
+  const __m512 x01 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], 0x88), _mm512_shuffle_f32x4(u[0], u[1], 0xdd));
+  const __m512 x23 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], 0x88), _mm512_shuffle_f32x4(u[2], u[3], 0xdd));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(x01, x23, 0x88), _mm512_shuffle_f32x4(x01, x23, 0xdd));
+}
+
+// e^x for x <= 0 (scores minus their max): 2^n * p(r), |rel. error| < 2e-7; x below -87 gives ~1e-38
+static inline __m512 exp_nonpositive(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+static inline __mmask16 tail_mask(int64_t left) { return left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1); }
+
+static inline void softmax_row_avx512(float* s, int64_t n) {
+  __m512 mx = _mm512_set1_ps(-3.0e38f);
+  for (int64_t i = 0; i < n; i += 16)
+    mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(_mm512_set1_ps(-3.0e38f), tail_mask(n - i), s + i));
+  const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 k = tail_mask(n - i);
+    const __m512 e = _mm512_maskz_mov_ps(k, exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, s + i), m)));
+    _mm512_mask_storeu_ps(s + i, k, e);
+    sum = _mm512_add_ps(sum, e);
+  }
+  const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum));
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 k = tail_mask(n - i);
+    _mm512_mask_storeu_ps(s + i, k, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, s + i), inv));
+  }
+}
+
+static inline __m512 widen_lo(__m512i x) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(x)), 16)); }
+static inline __m512 widen_hi(__m512i x) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(x, 1)), 16)); }
+
+// Query heads whose D-wide sums fit in 16 registers at once (at least one).
+template <int DP> inline constexpr int PV_HEADS = 8 / DP > 0 ? (8 / DP > 4 ? 4 : 8 / DP) : 1;
+
+// out[g] = sum_t p[g][t] v[t] for GH query heads, the sums held in registers (GH x 2DP vectors) over all tokens.
+template <int DP, int GH>
+static inline void pv_pass(const float* p, int64_t npad, const c10::BFloat16* vh, int64_t stride, const int32_t* table,
+                           int64_t bs, int64_t first, int64_t len, c10::BFloat16* out) {
+  constexpr int64_t D = 32 * DP;
+  __m512 acc[GH][2 * DP];
+  for (int g = 0; g < GH; ++g)
+    for (int j = 0; j < 2 * DP; ++j) acc[g][j] = _mm512_setzero_ps();
+  for (int64_t t = first; t < len; ++t) {
+    const c10::BFloat16* v = vh + ((int64_t)table[t / bs] * bs + t % bs) * stride;
+    __m512 vf[2 * DP];
+    for (int j = 0; j < DP; ++j) {
+      const __m512i raw = _mm512_loadu_si512(reinterpret_cast<const void*>(v + 32 * j));
+      vf[2 * j] = widen_lo(raw);
+      vf[2 * j + 1] = widen_hi(raw);
+    }
+    for (int g = 0; g < GH; ++g) {
+      const __m512 pg = _mm512_set1_ps(p[g * npad + (t - first)]);
+      for (int j = 0; j < 2 * DP; ++j) acc[g][j] = _mm512_fmadd_ps(pg, vf[j], acc[g][j]);
+    }
+  }
+  for (int g = 0; g < GH; ++g)
+    for (int j = 0; j < 2 * DP; ++j)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + g * D + 16 * j), (__m256i)_mm512_cvtneps_pbh(acc[g][j]));
+}
+
+// DP: head size / 32 (bf16 elements per 512-bit vector); one work item per sequence and KV head. (Measured and
+// dropped: items of a whole sequence reading each token's heads together, software prefetch of the next blocks,
+// p . v as bf16 dot products over token pairs: none was faster with the cache in DRAM.)
+template <int DP>
+static void decode_bf16_dot(const c10::BFloat16* q, const c10::BFloat16* kc, const c10::BFloat16* vc,
+                            const int32_t* bt, const int32_t* lens, c10::BFloat16* out, int64_t B, int64_t Hq,
+                            int64_t Hkv, int64_t max_blocks, int64_t bs, float scale, int64_t window) {
+  constexpr int64_t D = 32 * DP;
+  constexpr int GHM = PV_HEADS<DP>;
+  const int64_t G = Hq / Hkv, stride = Hkv * D;
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores;
+    std::vector<__m512i> qv(G * DP);
+    const __m512 sc = _mm512_set1_ps(scale);
+    const c10::BFloat16* rows[16];
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / Hkv, h = item % Hkv;
+      const int64_t len = lens[b];
+      const int64_t first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
+      const int64_t n = len - first, npad = (n + 15) / 16 * 16;
+      scores.resize(G * npad);
+      for (int64_t g = 0; g < G; ++g)
+        for (int j = 0; j < DP; ++j)
+          qv[g * DP + j] = _mm512_loadu_si512(reinterpret_cast<const void*>(q + (b * Hq + h * G + g) * D + 32 * j));
+      const int32_t* table = bt + b * max_blocks;
+      for (int64_t t0 = first; t0 < len; t0 += 16) {
+        const int64_t cnt = std::min<int64_t>(16, len - t0);
+        for (int64_t i = 0; i < 16; ++i) {
+          const int64_t t = t0 + (i < cnt ? i : 0);
+          rows[i] = kc + ((int64_t)table[t / bs] * bs + t % bs) * stride + h * D;
+        }
+        for (int64_t g = 0; g < G; ++g) {
+          __m512 part[16];
+          for (int i = 0; i < 16; ++i) {
+            __m512 a = _mm512_setzero_ps();
+            for (int j = 0; j < DP; ++j)
+              a = _mm512_dpbf16_ps(a, (__m512bh)qv[g * DP + j],
+                                   (__m512bh)_mm512_loadu_si512(reinterpret_cast<const void*>(rows[i] + 32 * j)));
+            part[i] = a;
+          }
+          _mm512_storeu_ps(scores.data() + g * npad + (t0 - first), _mm512_mul_ps(fold16(part), sc));
+        }
+      }
+      for (int64_t g = 0; g < G; ++g) softmax_row_avx512(scores.data() + g * npad, n);
+      c10::BFloat16* o = out + (b * Hq + h * G) * D;
+      const c10::BFloat16* vh = vc + h * D;
+      for (int64_t g0 = 0; g0 < G; g0 += GHM) {
+        const float* p = scores.data() + g0 * npad;
+        switch (std::min<int64_t>(GHM, G - g0)) {
+          case 1: pv_pass<DP, 1>(p, npad, vh, stride, table, bs, first, len, o + g0 * D); break;
+          case 2: pv_pass<DP, 2>(p, npad, vh, stride, table, bs, first, len, o + g0 * D); break;
+          case 3: pv_pass<DP, 3>(p, npad, vh, stride, table, bs, first, len, o + g0 * D); break;
+          default: pv_pass<DP, GHM>(p, npad, vh, stride, table, bs, first, len, o + g0 * D);
+        }
+      }
+    }
+  });
+}
+
+// Other dtypes: false (the generic path runs).
+template <typename T>
+static bool decode_bf16(const T* q, const T* kc, const T* vc, const int32_t* bt, const int32_t* lens, T* out,
+                        int64_t B, int64_t Hq, int64_t Hkv, int64_t D, int64_t max_blocks, int64_t bs, float scale,
+                        int64_t window) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    switch (D) {
+      case 64: decode_bf16_dot<2>(q, kc, vc, bt, lens, out, B, Hq, Hkv, max_blocks, bs, scale, window); return true;
+      case 96: decode_bf16_dot<3>(q, kc, vc, bt, lens, out, B, Hq, Hkv, max_blocks, bs, scale, window); return true;
+      case 128: decode_bf16_dot<4>(q, kc, vc, bt, lens, out, B, Hq, Hkv, max_blocks, bs, scale, window); return true;
+      case 256: decode_bf16_dot<8>(q, kc, vc, bt, lens, out, B, Hq, Hkv, max_blocks, bs, scale, window); return true;
+      default: return false;
+    }
+  }
+  return false;
+}
+#endif
+
 // The head sizes models use, as multiples of the vector width; others take the scalar loop.
 template <typename T>
 static bool decode_simd(const T* q, const T* kc, const T* vc, const int32_t* bt, const int32_t* lens, T* out,
@@ -247,8 +417,13 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
     const int32_t *bt = block_tables.data_ptr<int32_t>(), *ln = lens.data_ptr<int32_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     bool done = false;
+#ifdef LOOM_DECODE_BF16_DOT
+    done = decode_bf16<scalar_t>(qp, kp, vp, bt, ln, op, B, Hq, Hkv, D, block_tables.size(1), block_size,
+                                 (float)scale, window);
+#endif
     if constexpr (!std::is_same_v<scalar_t, double>) {
-      done = decode_simd<scalar_t>(qp, kp, vp, bt, ln, op, B, Hq, Hkv, D, block_tables.size(1), block_size,
+      if (!done)
+        done = decode_simd<scalar_t>(qp, kp, vp, bt, ln, op, B, Hq, Hkv, D, block_tables.size(1), block_size,
                                      (float)scale, window);
     }
     if (!done)
@@ -264,7 +439,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("paged_decode", &paged_decode);
 
 def load():
     """The compiled extension, or None if it cannot be built here (or LOOM_DISABLE_CPU_KERNELS=1)."""
-    return load_kernel("loom_paged_decode_cpu_v7", _SOURCE, ("-ffast-math",))
+    return load_kernel("loom_paged_decode_cpu_v13", _SOURCE, ("-ffast-math",))
 
 
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
