@@ -116,7 +116,8 @@ class ModelConfig:
 class EngineConfig:
     """Scheduling and memory limits, with TGI's flag names. Frozen: written once by whoever starts the engine."""
 
-    max_batch_prefill_tokens: int = 4096  # tokens computed per step (prefill chunks + decodes)
+    # tokens computed per step (prefill chunks + decodes); None → inferred by the engine (EngineCore)
+    max_batch_prefill_tokens: int | None = None
     max_batch_total_tokens: int | None = None  # KV cache capacity in tokens; None → from available memory
     max_batch_size: int = 256  # sequences per step
     max_total_tokens: int | None = None  # longest request (prompt + generated); None → model's max length

@@ -62,7 +62,7 @@ def download(repo_id: str, revision: str | None) -> Path:
 
 def build_run_config(args: dict[str, Any], model_id: str, model_dir: Path, run_dir: Path) -> dict[str, Any]:
     engine = EngineConfig(
-        max_batch_prefill_tokens=args["max_batch_prefill_tokens"] or 4096,
+        max_batch_prefill_tokens=args["max_batch_prefill_tokens"],
         max_batch_total_tokens=args["max_batch_total_tokens"],
         max_batch_size=args["max_batch_size"] or 256,
         max_total_tokens=args["max_total_tokens"],

@@ -46,7 +46,8 @@ SUPPORTED: list[tuple[str, Any, Any, str]] = [
     ("--waiting-served-ratio", float, 0.3, "Accepted for compatibility; Loom always chunks prefills, where TGI "
                                            "ignores it too"),
     ("--max-batch-prefill-tokens", int, None, "Tokens computed per engine step (prompt chunks + decodes); "
-                                              "default 4096"),
+                                              "default: inferred as TGI does, about one second of this "
+                                              "machine's compute (256-4096 on a CPU, 4096 elsewhere)"),
     ("--max-batch-total-tokens", int, None, "KV cache capacity in tokens (default: from available memory)"),
     ("--max-waiting-tokens", int, 20, "Accepted for compatibility; ignored with chunked prefill, as in TGI"),
     ("--max-batch-size", int, None, "Most sequences in one engine step (default 256)"),

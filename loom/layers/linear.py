@@ -125,11 +125,19 @@ class PackableLinear(nn.Module):
     weight: nn.Parameter
     keeps_plain_weight = False
     _packed: PackedWeight | None = None
+    _weight_shape: tuple[int, int] | None = None  # (out, in) of the weight once packing has released it
+
+    @property
+    def features(self) -> tuple[int, int]:
+        """(in_features, out_features) of this rank's weight, packed or not."""
+        out_features, in_features = self._weight_shape or tuple(self.weight.shape)
+        return in_features, out_features
 
     def pack_for_inference(self) -> bool:
         kind = None if self._packed is not None else packing_kind(self.weight)
         if kind is None:
             return False
+        self._weight_shape = tuple(self.weight.shape)
         self._packed = pack_weight(self.weight, kind)
         if not self.keeps_plain_weight:
             self.weight = nn.Parameter(self.weight.new_empty(0), requires_grad=False)  # loaded already: drop it

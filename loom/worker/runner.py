@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 import torch
 import torch.distributed as dist
@@ -20,7 +21,7 @@ from loom.distributed.comm import RankFailure, broadcast_message
 from loom.distributed.parallel_state import get_tp_group, kv_head_range
 from loom.layers.forward_context import AttentionMetadata, ForwardContext, PrefillSpan, forward_context
 from loom.layers.kernels.build import prebuild
-from loom.layers.linear import pack_linear_weights
+from loom.layers.linear import PackableLinear, pack_linear_weights
 from loom.models.loader import load_model
 from loom.protocol import shard
 from loom.protocol.plan import SeqPlan, StepPlan
@@ -60,6 +61,28 @@ class ModelRunner:
             torch.zeros(shape, dtype=model_config.dtype, device=self.device) for _ in range(model_config.num_layers)
         ]
         self._block_offsets = torch.arange(block_size, device=self.device)
+
+    @torch.inference_mode()
+    def linear_tokens_per_second(self, rows: int = 256) -> float:
+        """Tokens per second this rank's linear layers (all but the LM head) compute at `rows` tokens per step:
+        each distinct weight shape timed once (best of two) on random input, weighted by how many layers have it.
+        About 0.1 s on a CPU; it sizes the default prefill budget."""
+        shapes: dict[tuple[int, int], tuple[PackableLinear, int]] = {}
+        for name, module in self.model.named_modules():
+            if isinstance(module, PackableLinear) and not name.endswith("lm_head"):
+                key = module.features
+                layer, count = shapes.get(key, (module, 0))
+                shapes[key] = (layer, count + 1)
+        seconds = 0.0
+        for (in_features, _), (layer, count) in shapes.items():
+            x = torch.randn(rows, in_features, device=self.device).to(self.model_config.dtype)
+            best = float("inf")
+            for _ in range(2):
+                start = time.perf_counter()
+                layer.matmul(x)
+                best = min(best, time.perf_counter() - start)
+            seconds += best * count
+        return rows / seconds if seconds > 0 else float("inf")
 
     def _send(self, msg: shard.Message) -> None:
         broadcast_message(self.tp, *shard.encode(msg))
