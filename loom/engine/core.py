@@ -100,6 +100,8 @@ class EngineCore:
         if torch.device(device).type != "cpu":
             return 4096
         tokens_per_second = self.runner.linear_tokens_per_second()
+        if tokens_per_second is None:
+            return 4096
         budget = min(4096, max(256, int(tokens_per_second) // 256 * 256))
         logger.info("max_batch_prefill_tokens: %d (this machine computes ~%.0f tokens/s through the model's linear "
                     "layers; about one second per step, as TGI infers it)", budget, tokens_per_second)

@@ -63,10 +63,11 @@ class ModelRunner:
         self._block_offsets = torch.arange(block_size, device=self.device)
 
     @torch.inference_mode()
-    def linear_tokens_per_second(self, rows: int = 256) -> float:
+    def linear_tokens_per_second(self, rows: int = 256) -> float | None:
         """Tokens per second this rank's linear layers (all but the LM head) compute at `rows` tokens per step:
         each distinct weight shape timed once (best of two) on random input, weighted by how many layers have it.
-        About 0.1 s on a CPU; it sizes the default prefill budget."""
+        About 0.1 s on a CPU; it sizes the default prefill budget. None for a model without such layers (the
+        transformers fallback)."""
         shapes: dict[tuple[int, int], tuple[PackableLinear, int]] = {}
         for name, module in self.model.named_modules():
             if isinstance(module, PackableLinear) and not name.endswith("lm_head"):
@@ -82,7 +83,7 @@ class ModelRunner:
                 layer.matmul(x)
                 best = min(best, time.perf_counter() - start)
             seconds += best * count
-        return rows / seconds if seconds > 0 else float("inf")
+        return rows / seconds if seconds > 0 else None
 
     def _send(self, msg: shard.Message) -> None:
         broadcast_message(self.tp, *shard.encode(msg))
