@@ -33,8 +33,11 @@ class Attention(nn.Module):
         ctx = get_forward_context()
         meta = ctx.attn
         cache = ctx.kv_caches[self.layer_idx]  # (2, slots, Hkv, D)
-        cache[0].index_copy_(0, meta.slot_mapping, k)
-        cache[1].index_copy_(0, meta.slot_mapping, v)
+        if not paged_decode_cpu.store_kv(cache, meta.slot_mapping, k, v):
+            cache[0].index_copy_(0, meta.slot_mapping, k)
+            cache[1].index_copy_(0, meta.slot_mapping, v)
+        if meta.num_decodes == q.shape[0]:  # a step of decodes only: no output to assemble
+            return self._decode(q, cache, meta)
         out = torch.empty_like(q)
         if meta.num_decodes:
             out[: meta.num_decodes] = self._decode(q[: meta.num_decodes], cache, meta)

@@ -18,6 +18,7 @@ from loom.config import ModelConfig
 from loom.distributed.parallel_state import get_tp_group, kv_head_range
 from loom.layers.attention import Attention
 from loom.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from loom.layers.kernels import fused_cpu
 from loom.layers.linear import CheckpointTensor, ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from loom.layers.norm import RMSNorm
 from loom.layers.rotary import RotaryEmbedding, rope_parameters
@@ -90,7 +91,11 @@ class LlamaMLP(nn.Module):
         self.down_proj = RowParallelLinear(inter, hidden, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        fused = fused_cpu.silu_mul(gate_up)
+        if fused is not None:
+            return self.down_proj(fused)
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 

@@ -75,3 +75,23 @@ def test_paths_that_do_not_apply_fall_back():
     assert fused_cpu.rotary(x, rope.cos, rope.sin, torch.arange(4), 8) is None
     long = torch.randn(fused_cpu.ROTARY_MAX_ROWS + 1, 2, 8)  # prefill-sized: torch's vectorised ops
     assert fused_cpu.rotary(long, rope.cos, rope.sin, torch.arange(long.shape[0]) % 16, 8) is None
+
+
+@pytest.mark.skipif(fused_cpu.load() is None or not fused_cpu.load().silu_mul_supported(),
+                    reason="SiLU × up is fused only on CPUs with AVX-512 BF16")
+@pytest.mark.parametrize("rows", [1, 3, 16, 257])
+@pytest.mark.parametrize("intermediate", [16, 37, 2560])
+def test_silu_mul_equals_torch(rows, intermediate):
+    gen = torch.Generator().manual_seed(rows * intermediate)
+    gate_up = (torch.randn(rows, 2 * intermediate, generator=gen) * 4).bfloat16()
+    gate, up = gate_up.chunk(2, dim=-1)
+    assert torch.equal(fused_cpu.silu_mul(gate_up), F.silu(gate) * up)  # torch's rounding points, bit for bit
+    # leading dims kept; a strided row view (a slice of a wider tensor) is read as it lies
+    wide = torch.randn(rows, 4 * intermediate, generator=gen).bfloat16()[:, : 2 * intermediate]
+    g, u = wide.chunk(2, dim=-1)
+    assert torch.equal(fused_cpu.silu_mul(wide), F.silu(g) * u)
+    assert fused_cpu.silu_mul(gate_up.view(1, rows, -1)).shape == (1, rows, intermediate)
+
+
+def test_silu_mul_leaves_other_dtypes_to_torch():
+    assert fused_cpu.silu_mul(torch.randn(2, 8)) is None

@@ -46,3 +46,20 @@ def test_kernel_matches_reference(dtype, head_dim, window):
     expected = reference(q, k_cache, v_cache, tables, lens, block_size, 0.3, window)
     tolerance = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
     torch.testing.assert_close(got.double(), expected.to(got.dtype).double(), atol=tolerance, rtol=tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_store_kv_equals_index_copy(dtype):
+    gen = torch.Generator().manual_seed(0)
+    cache = torch.zeros(2, 64, 3, 8, dtype=dtype)
+    qkv = torch.randn(5, 4 * 3 * 8, generator=gen).to(dtype)  # k and v as strided slices of a fused output
+    k = qkv[:, 24:48].view(5, 3, 8)
+    v = qkv[:, 48:72].view(5, 3, 8)
+    slots = torch.tensor([7, 0, 63, 20, 21])
+    assert paged_decode_cpu.store_kv(cache, slots, k, v)
+    expected = torch.zeros_like(cache)
+    expected[0].index_copy_(0, slots, k)
+    expected[1].index_copy_(0, slots, v)
+    assert torch.equal(cache, expected)
+    with pytest.raises(RuntimeError, match="slot out of range"):
+        paged_decode_cpu.store_kv(cache, torch.tensor([0, 1, 2, 3, 64]), k, v)
