@@ -7,10 +7,13 @@ has to gather its keys and values out of the cache. This kernel is FlashAttentio
 - once per call, each KV head's keys are packed per block of 16 keys as (d pairs × 16 keys × 2) and its values as
   (key pairs × D × 2), straight from the cache slots, so that both products are bf16 dot products whose second
   operand is one 64-byte load;
-- a work item is a KV head and 16 query positions (its G query heads: G × 16 rows); for each block of keys up to
-  the causal limit, scores for 8 rows at a time, an online softmax (running max and sum per row; FlashAttention
-  rounds the probabilities to bf16 for the second product, and so does this), then probabilities × values into
-  fp32 row sums.
+- a work item is a KV head and 16 query positions (its G query heads: G × 16 rows); for each block of 64 keys up to
+  the causal limit, scores for 4 rows × 4 sub-blocks of 16 keys at a time, an online softmax (running max and sum
+  per row, paid once per 64 keys; FlashAttention rounds the probabilities to bf16 for the second product, and so
+  does this), then probabilities × values into fp32 row sums (even and odd key pairs in separate chains).
+
+Measured (bench model heads, 2 Zen 4 cores): 1.26 ms per 256-token prompt and layer (SDPA flash: 2.5 ms; this
+kernel with a softmax per 16 keys: 1.92 ms), 3.65 ms at 512 tokens (6.0 with 16-key blocks).
 
 Sliding windows (keys with q - k < window) are supported; logit soft-capping is not (Gemma 2 keeps its own path).
 """
@@ -38,7 +41,8 @@ _SOURCE = r"""
 
 static constexpr int64_t KB = 16;  // keys per block
 static constexpr int64_t QB = 16;  // query positions per work item
-static constexpr int RB = 8;       // rows scored together (independent accumulator chains)
+static constexpr int RB = 4;       // rows scored together: RB x SB independent accumulator chains
+static constexpr int SB = 4;       // 16-key sub-blocks per softmax block (64 keys)
 
 static inline __mmask16 lanes_below(int64_t n) {
   return n >= 16 ? (__mmask16)0xffff : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1);
@@ -59,6 +63,34 @@ static inline __m512 exp_nonpositive(__m512 x) {
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
   p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
   return _mm512_scalef_ps(p, n);
+}
+
+// acc[r][s] = scores of rows r0..r0+RB-1 against the 16 keys of sub-block s (kt: the block's first sub-block)
+template <int NS>
+static inline void score_rows(__m512 (*acc)[SB], const uint16_t* qp, int64_t Hq, int64_t D, int64_t DH, int64_t h,
+                              int64_t G, int64_t i0, int64_t r0, int64_t rows_here, const uint16_t* kt) {
+  const int32_t* qr[RB];
+  for (int r = 0; r < RB; ++r) {
+    const int64_t row = r0 + r, g = row / QB, i = i0 + std::min<int64_t>(row % QB, rows_here - 1);
+    qr[r] = reinterpret_cast<const int32_t*>(qp + (i * Hq + h * G + g) * D);
+    for (int s = 0; s < SB; ++s) acc[r][s] = _mm512_setzero_ps();
+  }
+  __m512 a[RB][NS];
+  for (int r = 0; r < RB; ++r)
+    for (int s = 0; s < NS; ++s) a[r][s] = _mm512_setzero_ps();
+  for (int64_t dp = 0; dp < DH; ++dp) {
+    __m512bh k[NS];
+#pragma GCC unroll 4
+    for (int s = 0; s < NS; ++s) k[s] = (__m512bh)_mm512_loadu_si512(reinterpret_cast<const void*>(kt + s * KB * D + dp * KB * 2));
+#pragma GCC unroll 4
+    for (int r = 0; r < RB; ++r) {
+      const __m512bh q = (__m512bh)_mm512_set1_epi32(qr[r][dp]);
+#pragma GCC unroll 4
+      for (int s = 0; s < NS; ++s) a[r][s] = _mm512_dpbf16_ps(a[r][s], q, k[s]);
+    }
+  }
+  for (int r = 0; r < RB; ++r)
+    for (int s = 0; s < NS; ++s) acc[r][s] = a[r][s];
 }
 
 // q (Lq, Hq, D) bf16: query i sits at position q_start + i; caches (slots, Hkv, D) bf16; slots (ctx,) int64 with
@@ -101,8 +133,7 @@ torch::Tensor prefill_attention(torch::Tensor q, torch::Tensor k_cache, torch::T
   at::parallel_for(0, Hkv * nqb, 1, [&](int64_t begin, int64_t end) {
     const int64_t R = G * QB;  // rows of an item: row r is query head h*G + r / QB at position i0 + r % QB
     std::vector<float> O(R * D), m(R), l(R);
-    std::vector<uint32_t> P(R * (KB / 2));
-    std::vector<int32_t> qrow_ok(R);
+    std::vector<uint32_t> P(R * (SB * KB / 2));
     for (int64_t item = begin; item < end; ++item) {
       const int64_t h = item / nqb, i0 = (item % nqb) * QB;
       const int64_t rows_here = std::min<int64_t>(QB, Lq - i0);
@@ -111,42 +142,52 @@ torch::Tensor prefill_attention(torch::Tensor q, torch::Tensor k_cache, torch::T
       std::fill(l.begin(), l.end(), 0.f);
       const int64_t last_pos = q_start + i0 + rows_here - 1;
       const int64_t first_key = window > 0 ? std::max<int64_t>(0, q_start + i0 - window + 1) : 0;
-      for (int64_t kb = first_key / KB; kb * KB <= last_pos; ++kb) {
-        const uint16_t* kt = Kt.data() + (h * nkb + kb) * KB * D;
-        const uint16_t* vp = Vp.data() + (h * nkb + kb) * KB * D;
+      // softmax blocks of SB sub-blocks of 16 keys: the per-row work (max, exp of the correction, sums, rescaling
+      // the output) is paid once per 64 keys instead of once per 16
+      for (int64_t b0 = first_key / KB; b0 * KB <= last_pos; b0 += SB) {
+        const int64_t ns = std::min<int64_t>(SB, last_pos / KB + 1 - b0);  // sub-blocks up to the causal limit
+        const uint16_t* kt = Kt.data() + (h * nkb + b0) * KB * D;
+        const uint16_t* vp = Vp.data() + (h * nkb + b0) * KB * D;
         for (int64_t r0 = 0; r0 < R; r0 += RB) {
-          __m512 acc[RB];
-          const int32_t* qr[RB];
-          for (int r = 0; r < RB; ++r) {
-            const int64_t row = r0 + r, g = row / QB, i = i0 + std::min<int64_t>(row % QB, rows_here - 1);
-            qr[r] = reinterpret_cast<const int32_t*>(qp + (i * Hq + h * G + g) * D);
-            acc[r] = _mm512_setzero_ps();
-          }
-          for (int64_t dp = 0; dp < DH; ++dp) {
-            const __m512bh k = (__m512bh)_mm512_loadu_si512(reinterpret_cast<const void*>(kt + dp * KB * 2));
-#pragma GCC unroll 8
-            for (int r = 0; r < RB; ++r) acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_set1_epi32(qr[r][dp]), k);
+          __m512 acc[RB][SB];
+          switch (ns) {
+            case 1: score_rows<1>(acc, qp, Hq, D, DH, h, G, i0, r0, rows_here, kt); break;
+            case 2: score_rows<2>(acc, qp, Hq, D, DH, h, G, i0, r0, rows_here, kt); break;
+            case 3: score_rows<3>(acc, qp, Hq, D, DH, h, G, i0, r0, rows_here, kt); break;
+            default: score_rows<4>(acc, qp, Hq, D, DH, h, G, i0, r0, rows_here, kt); break;
           }
           for (int r = 0; r < RB; ++r) {
             const int64_t row = r0 + r;
             if (row % QB >= rows_here) continue;
             const int64_t pos = q_start + i0 + row % QB;
-            // keys kb*16 + lane allowed: <= pos, > pos - window, < ctx
-            int64_t lo = window > 0 ? pos - window + 1 - kb * KB : 0;
-            const __mmask16 ok = lanes_below(pos + 1 - kb * KB) & ~lanes_below(lo) & lanes_below(ctx - kb * KB);
-            uint32_t* pr = P.data() + row * (KB / 2);
-            if (!ok) {  // nothing of this block for this row
-              std::memset(pr, 0, sizeof(uint32_t) * (KB / 2));
+            uint32_t* pr = P.data() + row * (SB * KB / 2);
+            __mmask16 ok[SB];
+            __m512 sv[SB];
+            __m512 mx = _mm512_set1_ps(-INFINITY);
+            bool any = false;
+            for (int64_t sb = 0; sb < ns; ++sb) {
+              const int64_t k0 = (b0 + sb) * KB;  // keys k0 + lane allowed: <= pos, > pos - window, < ctx
+              const int64_t lo = window > 0 ? pos - window + 1 - k0 : 0;
+              ok[sb] = lanes_below(pos + 1 - k0) & ~lanes_below(lo) & lanes_below(ctx - k0);
+              sv[sb] = _mm512_mul_ps(acc[r][sb], _mm512_set1_ps(scale));
+              mx = _mm512_mask_max_ps(mx, ok[sb], mx, sv[sb]);
+              any |= ok[sb] != 0;
+            }
+            if (!any) {  // nothing of this block for this row
+              std::memset(pr, 0, sizeof(uint32_t) * (SB * KB / 2));
               continue;
             }
-            const __m512 s = _mm512_mul_ps(acc[r], _mm512_set1_ps(scale));
-            const float bm = _mm512_mask_reduce_max_ps(ok, s);
-            const float m_new = std::max(m[row], bm);
+            const float m_new = std::max(m[row], _mm512_reduce_max_ps(mx));
             const float corr = std::exp(m[row] - m_new);  // 0 on the first block (m = -inf)
-            const __m512 p = _mm512_maskz_mov_ps(ok, exp_nonpositive(_mm512_sub_ps(s, _mm512_set1_ps(m_new))));
-            l[row] = l[row] * corr + _mm512_reduce_add_ps(p);
+            const __m512 mv = _mm512_set1_ps(m_new);
+            __m512 sum = _mm512_setzero_ps();
+            for (int64_t sb = 0; sb < ns; ++sb) {
+              const __m512 p = _mm512_maskz_mov_ps(ok[sb], exp_nonpositive(_mm512_sub_ps(sv[sb], mv)));
+              sum = _mm512_add_ps(sum, p);
+              _mm256_storeu_si256(reinterpret_cast<__m256i*>(pr + sb * (KB / 2)), (__m256i)_mm512_cvtneps_pbh(p));
+            }
+            l[row] = l[row] * corr + _mm512_reduce_add_ps(sum);
             m[row] = m_new;
-            _mm256_storeu_si256(reinterpret_cast<__m256i*>(pr), (__m256i)_mm512_cvtneps_pbh(p));
             if (corr != 1.f) {
               float* o = O.data() + row * D;
               const __m512 c = _mm512_set1_ps(corr);
@@ -154,22 +195,27 @@ torch::Tensor prefill_attention(torch::Tensor q, torch::Tensor k_cache, torch::T
             }
           }
         }
-        // O[row] += P[row] (8 key pairs) . Vp (pairs x D x 2), two rows at a time
+        // O[row] += P[row] . Vp over the block's key pairs; even and odd pairs in separate sums (more chains)
+        const int64_t pairs = ns * (KB / 2);
         for (int64_t row = 0; row < R; ++row) {
           if (row % QB >= rows_here) continue;
           float* o = O.data() + row * D;
-          const uint32_t* pr = P.data() + row * (KB / 2);
+          const uint32_t* pr = P.data() + row * (SB * KB / 2);
           for (int64_t d0 = 0; d0 < D; d0 += 64) {
             const int64_t nv = std::min<int64_t>(4, (D - d0) / 16);
-            __m512 a[4];
-            for (int c = 0; c < nv; ++c) a[c] = _mm512_loadu_ps(o + d0 + 16 * c);
-            for (int64_t j = 0; j < KB / 2; ++j) {
-              const __m512bh pp = (__m512bh)_mm512_set1_epi32((int)pr[j]);
-              const uint16_t* vrow = vp + j * D * 2 + d0 * 2;
-              for (int c = 0; c < nv; ++c)
-                a[c] = _mm512_dpbf16_ps(a[c], pp, (__m512bh)_mm512_loadu_si512(reinterpret_cast<const void*>(vrow + 32 * c)));
+            __m512 a[4], b[4];
+            for (int c = 0; c < 4; ++c) { a[c] = c < nv ? _mm512_loadu_ps(o + d0 + 16 * c) : _mm512_setzero_ps(); b[c] = _mm512_setzero_ps(); }
+            for (int64_t j = 0; j < pairs; j += 2) {
+              const __m512bh p0 = (__m512bh)_mm512_set1_epi32((int)pr[j]);
+              const __m512bh p1 = (__m512bh)_mm512_set1_epi32((int)pr[j + 1]);
+              const uint16_t* v0 = vp + j * D * 2 + d0 * 2;  // pair j of the block (sub-blocks are adjacent)
+              const uint16_t* v1 = v0 + D * 2;
+              for (int c = 0; c < nv; ++c) {
+                a[c] = _mm512_dpbf16_ps(a[c], p0, (__m512bh)_mm512_loadu_si512(reinterpret_cast<const void*>(v0 + 32 * c)));
+                b[c] = _mm512_dpbf16_ps(b[c], p1, (__m512bh)_mm512_loadu_si512(reinterpret_cast<const void*>(v1 + 32 * c)));
+              }
             }
-            for (int c = 0; c < nv; ++c) _mm512_storeu_ps(o + d0 + 16 * c, a[c]);
+            for (int c = 0; c < nv; ++c) _mm512_storeu_ps(o + d0 + 16 * c, _mm512_add_ps(a[c], b[c]));
           }
         }
       }
@@ -207,7 +253,7 @@ def load() -> ModuleType | None:
     """The compiled kernel on an x86 CPU with AVX-512 F/BW and BF16, else None."""
     if not {"avx512f", "avx512bw", "avx512_bf16"} <= cpu_flags():
         return None
-    module = load_kernel("loom_prefill_attention_cpu_v1", _SOURCE)
+    module = load_kernel("loom_prefill_attention_cpu_v2", _SOURCE)
     return module if module is not None and module.supported() else None
 
 
