@@ -5,9 +5,9 @@
 - matmul throughput with bf16 weights (every path this CPU has: oneDNN's packed bf16 on AVX-512 BF16 / AMX, Loom's
   AVX-512 BF16 kernel, Loom's AVX2 kernel; oneDNN fp32 and torch's plain bf16 for reference; the bench model's layer
   shapes at M = 512), and the arithmetic peaks (AVX2 FMAs, and AVX-512 `vdpbf16ps` where the CPU has it, in
-  registers, all threads): bound large batches: tok/s ≤ FLOP/s / (2 × parameters per token). A prompt token costs as much as a generated one (less the
-  LM head), so the shared workload (256 prompt + 128 output tokens per request) is bounded at about a third of
-  that in output tokens.
+  registers, all threads): bound large batches: tok/s ≤ FLOP/s / (2 × parameters per token). A prompt token costs
+  as much as a generated one (less the LM head), so the shared workload (256 prompt + 128 output tokens per
+  request) is bounded at about a third of that in output tokens.
 
     python benchmarks/machine_ceilings.py --model /path/to/llama-360m
 """

@@ -85,4 +85,5 @@ def prebuild() -> None:
     from loom.layers.linear import cpu_bf16_packing
 
     with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
-        list(pool.map(lambda load: load(), (paged_decode_cpu.load, cpu_bf16_packing, fused_cpu.load, prefill_attention_cpu.load)))
+        loads = (paged_decode_cpu.load, cpu_bf16_packing, fused_cpu.load, prefill_attention_cpu.load)
+        list(pool.map(lambda load: load(), loads))
