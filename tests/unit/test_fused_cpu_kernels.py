@@ -77,7 +77,7 @@ def test_paths_that_do_not_apply_fall_back():
     assert fused_cpu.rotary(long, rope.cos, rope.sin, torch.arange(long.shape[0]) % 16, 8) is None
 
 
-@pytest.mark.skipif(fused_cpu.load() is None or not fused_cpu.load().silu_mul_supported(),
+@pytest.mark.skipif(not fused_cpu.silu_mul_supported(),
                     reason="SiLU × up is fused only on CPUs with AVX-512 BF16")
 @pytest.mark.parametrize("rows", [1, 3, 16, 257])
 @pytest.mark.parametrize("intermediate", [16, 37, 2560])

@@ -13,13 +13,15 @@ strides); callers then run their torch code.
 
 from __future__ import annotations
 
+from functools import cache
 from types import ModuleType
 
 import torch
 
+from loom.layers.kernels import simd_math
 from loom.layers.kernels.build import load_kernel
 
-_SOURCE = r"""
+_SOURCE = simd_math.splice(r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -113,22 +115,7 @@ torch::Tensor rotary(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, torc
 
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
 #include <immintrin.h>
-// e^x, 2^n * p(r) with |rel. error| < 2e-7 (torch's Sleef expf: 1 ulp); x clamped to [-87, 88]
-static inline __m512 exp512(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_scalef_ps(p, n);
-}
+@EXP512@  // simd_math.EXP512: e^x, clamped to [-87, 88]
 
 static inline __m512 bf16_to_f32(const c10::BFloat16* p, __mmask16 k) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, p)), 16));
@@ -174,14 +161,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_mul", &silu_mul);
   m.def("silu_mul_supported", &silu_mul_supported);
 }
-"""
+""")
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def load() -> ModuleType | None:
     # no FMA contraction: torch rounds each product before the sum, and so must the kernel
-    return load_kernel("loom_fused_cpu_v5", _SOURCE, ("-ffp-contract=off",))
+    return load_kernel("loom_fused_cpu_v6", _SOURCE, ("-ffp-contract=off",))
 
 
 def _usable(x: torch.Tensor) -> ModuleType | None:
@@ -222,6 +209,12 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor | None:
     of torch's silu and mul (~20 µs per layer), not their arithmetic, was the cost."""
     module = _usable(gate_up)
     if (module is None or gate_up.dtype != torch.bfloat16 or gate_up.stride(-1) != 1 or gate_up.numel() == 0
-            or gate_up.shape[-1] % 2 or not module.silu_mul_supported()):
+            or gate_up.shape[-1] % 2 or not silu_mul_supported()):
         return None
     return module.silu_mul(gate_up)
+
+
+@cache  # asked on every MLP: decided once
+def silu_mul_supported() -> bool:
+    module = load()
+    return module is not None and module.silu_mul_supported()

@@ -25,9 +25,10 @@ from types import ModuleType
 
 import torch
 
+from loom.layers.kernels import simd_math
 from loom.layers.kernels.build import cpu_flags, load_kernel
 
-_SOURCE = r"""
+_SOURCE = simd_math.splice(r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
@@ -48,22 +49,7 @@ static inline __mmask16 lanes_below(int64_t n) {
   return n >= 16 ? (__mmask16)0xffff : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1);
 }
 
-// e^x for x <= 0, 2^n * p(r), |rel. error| < 2e-7; x below -87 gives ~1e-38 (callers mask such lanes to 0)
-static inline __m512 exp_nonpositive(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_scalef_ps(p, n);
-}
+@EXP512@  // simd_math.EXP512: e^x, clamped to [-87, 88] (callers mask lanes that should be 0)
 
 // acc[r][s] = scores of rows r0..r0+RB-1 against the 16 keys of sub-block s (kt: the block's first sub-block)
 template <int NS>
@@ -182,7 +168,7 @@ torch::Tensor prefill_attention(torch::Tensor q, torch::Tensor k_cache, torch::T
             const __m512 mv = _mm512_set1_ps(m_new);
             __m512 sum = _mm512_setzero_ps();
             for (int64_t sb = 0; sb < ns; ++sb) {
-              const __m512 p = _mm512_maskz_mov_ps(ok[sb], exp_nonpositive(_mm512_sub_ps(sv[sb], mv)));
+              const __m512 p = _mm512_maskz_mov_ps(ok[sb], exp512(_mm512_sub_ps(sv[sb], mv)));
               sum = _mm512_add_ps(sum, p);
               _mm256_storeu_si256(reinterpret_cast<__m256i*>(pr + sb * (KB / 2)), (__m256i)_mm512_cvtneps_pbh(p));
             }
@@ -245,7 +231,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("prefill_attention", &prefill_attention);
   m.def("supported", &supported);
 }
-"""
+""")
 
 
 @cache
@@ -253,7 +239,7 @@ def load() -> ModuleType | None:
     """The compiled kernel on an x86 CPU with AVX-512 F/BW and BF16, else None."""
     if not {"avx512f", "avx512bw", "avx512_bf16"} <= cpu_flags():
         return None
-    module = load_kernel("loom_prefill_attention_cpu_v2", _SOURCE)
+    module = load_kernel("loom_prefill_attention_cpu_v3", _SOURCE)
     return module if module is not None and module.supported() else None
 
 
