@@ -1,0 +1,288 @@
+"""Matrix products with 4- and 8-bit grouped weights (quantization/qtensor.py) on CPUs with AVX-512 BF16.
+
+    y[m, n] = Σ_g scale[n, g] · Σ_{k ∈ g} value(code[n, k]) · x[m, k]  +  min[n, g] · Σ_{k ∈ g} x[m, k]
+
+Why this shape: decode on a CPU streams every weight once per step, so 4-bit weights are read 4x faster than
+bf16; the arithmetic must keep up with that stream. Codes are turned into bf16 *exactly* (a 4-bit code through a
+32-entry `vpermw` table, which also serves NF4/FP4 codebooks; an 8-bit code through int32 → fp32 → bf16, exact
+for |q| ≤ 256) and multiplied with bf16 activations by `vdpbf16ps` into a per-group fp32 sum, which the group's
+fp32 scale and min fold into the output. Nothing is rounded but the activations (bf16, as in a bf16 model) and
+fp32 sums, so the product equals the bf16-activation product with the exactly dequantized weight up to
+summation order — no second rounding of the weights, unlike converting them to bf16.
+
+Layout, per panel of 16 output features:
+- 4-bit: (P, K/4, 32) bytes. Byte w of quad j holds feature w/2's codes for k = 4j + w%2 (low nibble) and
+  k = 4j + 2 + w%2 (high nibble): one 32-byte load widens to the two bf16 operands of k-pairs 2j and 2j+1.
+- 8-bit: (P, K/2, 32) int8. Byte w of pair j holds feature w/2's code for k = 2j + w%2.
+- scales, mins: (P, K/G, 16) fp32.
+Micro-tiles of up to 4 rows × 4 panels (fewer panels at more rows, to stay in the 32 vector registers).
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from types import ModuleType
+
+import torch
+
+from loom.layers.kernels.build import cpu_flags, load_kernel
+
+_SOURCE = r"""
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512BW__)
+#include <immintrin.h>
+
+static constexpr int64_t NR = 16;  // features per panel
+static constexpr int64_t MB = 64;  // rows per block
+
+// codes (N, K) → packed panels; bits 4: uint8 codes in [0, 15] → (P, K/4, 32) uint8; bits 8: int8 → (P, K/2, 32).
+torch::Tensor pack_codes(torch::Tensor codes, int64_t bits) {
+  TORCH_CHECK(codes.dim() == 2, "pack_codes: (N, K) codes");
+  codes = codes.contiguous();
+  const int64_t N = codes.size(0), K = codes.size(1), P = (N + NR - 1) / NR;
+  const uint8_t* src = reinterpret_cast<const uint8_t*>(codes.data_ptr());
+  if (bits == 4) {
+    TORCH_CHECK(K % 4 == 0, "pack_codes: 4-bit codes need K divisible by 4");
+    auto out = torch::zeros({P, K / 4, 32}, codes.options().dtype(at::kByte));
+    uint8_t* dst = out.data_ptr<uint8_t>();
+    at::parallel_for(0, P, 1, [&](int64_t b, int64_t e) {
+      for (int64_t p = b; p < e; ++p)
+        for (int64_t f = 0; f < NR && p * NR + f < N; ++f) {
+          const uint8_t* s = src + (p * NR + f) * K;
+          for (int64_t j = 0; j < K / 4; ++j)
+            for (int e2 = 0; e2 < 2; ++e2) {
+              const uint8_t lo = s[4 * j + e2] & 0x0F, hi = s[4 * j + 2 + e2] & 0x0F;
+              dst[(p * (K / 4) + j) * 32 + 2 * f + e2] = lo | (hi << 4);
+            }
+        }
+    });
+    return out;
+  }
+  TORCH_CHECK(bits == 8 && K % 2 == 0, "pack_codes: 8-bit codes need K divisible by 2");
+  auto out = torch::zeros({P, K / 2, 32}, codes.options().dtype(at::kChar));
+  uint8_t* dst = reinterpret_cast<uint8_t*>(out.data_ptr());
+  at::parallel_for(0, P, 1, [&](int64_t b, int64_t e) {
+    for (int64_t p = b; p < e; ++p)
+      for (int64_t f = 0; f < NR && p * NR + f < N; ++f) {
+        const uint8_t* s = src + (p * NR + f) * K;
+        for (int64_t j = 0; j < K / 2; ++j)
+          for (int e2 = 0; e2 < 2; ++e2) dst[(p * (K / 2) + j) * 32 + 2 * f + e2] = s[2 * j + e2];
+      }
+  });
+  return out;
+}
+
+// (N, G) fp32 → (P, G, 16) fp32, zero padded.
+torch::Tensor pack_groups(torch::Tensor v) {
+  v = v.to(at::kFloat).contiguous();
+  const int64_t N = v.size(0), G = v.size(1), P = (N + NR - 1) / NR;
+  auto padded = torch::zeros({P * NR, G}, v.options());
+  padded.narrow(0, 0, N).copy_(v);
+  return padded.view({P, NR, G}).transpose(1, 2).contiguous();
+}
+
+struct Weights {
+  const uint8_t* codes;    // packed codes
+  const float* scales;     // (P, G, 16)
+  const float* mins;       // (P, G, 16) or null
+  int64_t K, G, group;     // input features, groups, group size
+  int64_t code_stride;     // bytes per panel
+  __m512i table;           // 4-bit code → bf16 value (32 words, first 16 used)
+};
+
+template <int BITS>
+static inline void decode(const uint8_t* p, __m512i table, __m512bh& w0, __m512bh& w1) {
+  if constexpr (BITS == 4) {
+    const __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    const __m512i lo = _mm512_and_si512(b, _mm512_set1_epi16(0x0F));
+    const __m512i hi = _mm512_srli_epi16(b, 4);
+    w0 = (__m512bh)_mm512_permutexvar_epi16(lo, table);
+    w1 = (__m512bh)_mm512_permutexvar_epi16(hi, table);
+  } else {
+    // two k-pairs, 32 bytes each: int8 → int32 → fp32 → bf16 (exact for |q| <= 256)
+    const __m128i* q = reinterpret_cast<const __m128i*>(p);
+    w0 = _mm512_cvtne2ps_pbh(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(q + 1))),
+                             _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(q + 0))));
+    w1 = _mm512_cvtne2ps_pbh(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(q + 3))),
+                             _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(q + 2))));
+  }
+}
+
+// Rows [0, ROWS) x features of PANELS panels starting at panel p0. A: bf16 pairs as int32, lda in pairs.
+// xsum: (rows, G) group sums of the rows (only read with mins).
+template <int ROWS, int PANELS, int BITS, bool MINS, typename T>
+static inline void micro(const int32_t* A, int64_t lda, const float* xsum, const Weights& W, int64_t p0, int64_t N,
+                         const float* bias, T* out, int64_t ldo) {
+  __m512 acc[ROWS][PANELS];
+#pragma GCC unroll 4
+  for (int r = 0; r < ROWS; ++r)
+#pragma GCC unroll 4
+    for (int q = 0; q < PANELS; ++q) acc[r][q] = _mm512_setzero_ps();
+  const int64_t quads_per_group = W.group / 4;  // a "quad" is 4 k = 2 k-pairs = 2 dot products
+  const int64_t quad_bytes = BITS == 4 ? 32 : 64;
+  for (int64_t g = 0; g < W.G; ++g) {
+    __m512 gs[ROWS][PANELS];
+#pragma GCC unroll 4
+    for (int r = 0; r < ROWS; ++r)
+#pragma GCC unroll 4
+      for (int q = 0; q < PANELS; ++q) gs[r][q] = _mm512_setzero_ps();
+    const int64_t quad0 = g * quads_per_group;
+    for (int64_t j = quad0; j < quad0 + quads_per_group; ++j) {
+      __m512bh w0[PANELS], w1[PANELS];
+#pragma GCC unroll 4
+      for (int q = 0; q < PANELS; ++q)
+        decode<BITS>(W.codes + (p0 + q) * W.code_stride + j * quad_bytes, W.table, w0[q], w1[q]);
+#pragma GCC unroll 4
+      for (int r = 0; r < ROWS; ++r) {
+        const __m512bh a0 = (__m512bh)_mm512_set1_epi32(A[r * lda + 2 * j]);
+        const __m512bh a1 = (__m512bh)_mm512_set1_epi32(A[r * lda + 2 * j + 1]);
+#pragma GCC unroll 4
+        for (int q = 0; q < PANELS; ++q) {
+          gs[r][q] = _mm512_dpbf16_ps(gs[r][q], a0, w0[q]);
+          gs[r][q] = _mm512_dpbf16_ps(gs[r][q], a1, w1[q]);
+        }
+      }
+    }
+#pragma GCC unroll 4
+    for (int q = 0; q < PANELS; ++q) {
+      const int64_t off = ((p0 + q) * W.G + g) * NR;
+      const __m512 s = _mm512_loadu_ps(W.scales + off);
+      if constexpr (MINS) {
+        const __m512 mn = _mm512_loadu_ps(W.mins + off);
+#pragma GCC unroll 4
+        for (int r = 0; r < ROWS; ++r)
+          acc[r][q] = _mm512_fmadd_ps(mn, _mm512_set1_ps(xsum[r * W.G + g]), _mm512_fmadd_ps(gs[r][q], s, acc[r][q]));
+      } else {
+#pragma GCC unroll 4
+        for (int r = 0; r < ROWS; ++r) acc[r][q] = _mm512_fmadd_ps(gs[r][q], s, acc[r][q]);
+      }
+    }
+  }
+#pragma GCC unroll 4
+  for (int q = 0; q < PANELS; ++q) {
+    const int64_t n = (p0 + q) * NR;
+    const int64_t cols = std::min<int64_t>(NR, N - n);
+    if (cols <= 0) break;
+    const __mmask16 mask = cols == NR ? (__mmask16)0xffff : (__mmask16)((1u << cols) - 1);
+    const __m512 b = bias ? _mm512_maskz_loadu_ps(mask, bias + n) : _mm512_setzero_ps();
+#pragma GCC unroll 4
+    for (int r = 0; r < ROWS; ++r) {
+      const __m512 v = _mm512_add_ps(acc[r][q], b);
+      if constexpr (std::is_same_v<T, float>) {
+        _mm512_mask_storeu_ps(out + r * ldo + n, mask, v);
+      } else {
+        _mm256_mask_storeu_epi16(reinterpret_cast<void*>(out + r * ldo + n), mask, (__m256i)_mm512_cvtneps_pbh(v));
+      }
+    }
+  }
+}
+
+template <int BITS, bool MINS, typename T>
+static void tile(int64_t rows, int64_t panels, const int32_t* A, int64_t lda, const float* xsum, const Weights& W,
+                 int64_t p0, int64_t N, const float* bias, T* out, int64_t ldo) {
+#define LOOM_Q_CALL(R, NP) micro<R, NP, BITS, MINS, T>(A, lda, xsum, W, p0, N, bias, out, ldo)
+  if (rows == 1) {
+    switch (panels) { case 1: LOOM_Q_CALL(1, 1); break; case 2: LOOM_Q_CALL(1, 2); break;
+                      case 3: LOOM_Q_CALL(1, 3); break; default: LOOM_Q_CALL(1, 4); }
+  } else if (rows == 2) {
+    switch (panels) { case 1: LOOM_Q_CALL(2, 1); break; case 2: LOOM_Q_CALL(2, 2); break;
+                      case 3: LOOM_Q_CALL(2, 3); break; default: LOOM_Q_CALL(2, 4); }
+  } else if (rows == 3) {
+    if (panels == 1) LOOM_Q_CALL(3, 1); else LOOM_Q_CALL(3, 2);
+  } else {
+    if (panels == 1) LOOM_Q_CALL(4, 1); else LOOM_Q_CALL(4, 2);
+  }
+#undef LOOM_Q_CALL
+}
+
+template <int BITS, bool MINS, typename T>
+static void multiply(const int32_t* A, int64_t lda, int64_t M, const float* xsum, const Weights& W, int64_t P,
+                     int64_t N, const float* bias, T* out) {
+  // Panels per work item: 4 while the micro-tile has at most 2 rows, 2 otherwise.
+  const int64_t np = M <= 2 ? 4 : 2;
+  const int64_t items = (P + np - 1) / np;
+  for (int64_t m0 = 0; m0 < M; m0 += MB) {
+    const int64_t m1 = std::min(M, m0 + MB);
+    at::parallel_for(0, items, 1, [&](int64_t b, int64_t e) {
+      for (int64_t it = b; it < e; ++it) {
+        const int64_t p0 = it * np, panels = std::min<int64_t>(np, P - p0);
+        for (int64_t i = m0; i < m1; i += 4) {
+          const int64_t rows = std::min<int64_t>(4, m1 - i);
+          // more rows than the 4x2 tile allows at 4 panels: split the panels
+          for (int64_t q = 0; q < panels; q += (rows <= 2 ? 4 : 2))
+            tile<BITS, MINS, T>(rows, std::min<int64_t>(rows <= 2 ? 4 : 2, panels - q), A + i * lda, lda,
+                                xsum + i * W.G, W, p0 + q, N, bias, out + i * N, N);
+        }
+      }
+    });
+  }
+}
+
+// x (..., K) bf16 → (..., N) bf16 (or fp32 when out_fp32).
+torch::Tensor linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, c10::optional<torch::Tensor> mins,
+                     torch::Tensor table, c10::optional<torch::Tensor> bias, int64_t bits, int64_t group,
+                     int64_t N) {
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16, "quantized linear: bf16 input");
+  const int64_t K = x.size(-1), P = codes.size(0), G = scales.size(1);
+  TORCH_CHECK(G * group == K, "quantized linear: input has ", K, " features, the weight ", G * group);
+  TORCH_CHECK(group % 4 == 0, "quantized linear: group size must be a multiple of 4");
+  auto shape = x.sizes().vec();
+  shape.back() = N;
+  auto out = torch::empty(shape, x.options());
+  auto x2 = x.reshape({-1, K}).contiguous();
+  const int64_t M = x2.size(0);
+  if (M == 0) return out;
+  const bool has_mins = mins.has_value() && mins->defined();
+  at::Tensor xsum;
+  if (has_mins) xsum = x2.to(at::kFloat).view({M, G, group}).sum(-1).contiguous();
+  at::Tensor bias_f;
+  if (bias.has_value() && bias->defined()) bias_f = bias->to(at::kFloat).contiguous();
+  Weights W{reinterpret_cast<const uint8_t*>(codes.data_ptr()), scales.data_ptr<float>(),
+            has_mins ? mins->data_ptr<float>() : nullptr, K, G, group, codes.size(1) * codes.size(2),
+            _mm512_loadu_si512(table.data_ptr())};
+  const int32_t* A = reinterpret_cast<const int32_t*>(x2.data_ptr());
+  const float* xs = has_mins ? xsum.data_ptr<float>() : nullptr;
+  const float* bp = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
+  auto* op = out.data_ptr<c10::BFloat16>();
+  if (bits == 4) {
+    if (has_mins) multiply<4, true>(A, K / 2, M, xs, W, P, N, bp, op);
+    else multiply<4, false>(A, K / 2, M, xs, W, P, N, bp, op);
+  } else {
+    if (has_mins) multiply<8, true>(A, K / 2, M, xs, W, P, N, bp, op);
+    else multiply<8, false>(A, K / 2, M, xs, W, P, N, bp, op);
+  }
+  return out;
+}
+
+bool supported() { return true; }
+#else
+torch::Tensor pack_codes(torch::Tensor, int64_t) { TORCH_CHECK(false, "built without AVX-512 BF16"); }
+torch::Tensor pack_groups(torch::Tensor) { TORCH_CHECK(false, "built without AVX-512 BF16"); }
+torch::Tensor linear(torch::Tensor, torch::Tensor, torch::Tensor, c10::optional<torch::Tensor>, torch::Tensor,
+                     c10::optional<torch::Tensor>, int64_t, int64_t, int64_t) {
+  TORCH_CHECK(false, "built without AVX-512 BF16");
+}
+bool supported() { return false; }
+#endif
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("pack_codes", &pack_codes);
+  m.def("pack_groups", &pack_groups);
+  m.def("linear", &linear);
+  m.def("supported", &supported);
+}
+"""
+
+
+@cache  # asked on every matmul: decided once
+def load() -> ModuleType | None:
+    """The compiled kernel on an x86 CPU with AVX-512 F/BW and BF16, else None."""
+    if not {"avx512f", "avx512bw", "avx512_bf16"} <= cpu_flags():
+        return None
+    module = load_kernel("loom_quant_gemm_cpu_v1", _SOURCE)
+    return module if module is not None and module.supported() else None
