@@ -72,7 +72,9 @@ class ModelConfig:
 
     @classmethod
     def from_dir(cls, path: str | os.PathLike, dtype: str | torch.dtype = "auto") -> ModelConfig:
-        path = Path(path)
+        from loom.models.gguf_checkpoint import model_directory
+
+        path = model_directory(path)  # a GGUF file → the directory Loom builds from its metadata
         cfg_file = path / "config.json"
         if not cfg_file.is_file():
             raise FileNotFoundError(f"No config.json in model directory {path}")

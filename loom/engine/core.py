@@ -71,6 +71,7 @@ class EngineCore:
     ):
         self.config = config = config or EngineConfig()
         self.model_config = ModelConfig.from_dir(model_path, dtype)
+        model_path = self.model_config.path  # a GGUF file's is the directory built from it
         self.tokenizer = load_tokenizer(model_path)
         self.eos_token_ids = eos_token_ids(model_path, self.tokenizer)
         limit = min(config.max_total_tokens or self.model_config.max_model_len, self.model_config.max_model_len)

@@ -7,6 +7,7 @@ the forward passes do no communication.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from functools import cache
@@ -19,6 +20,10 @@ from torch import nn
 from loom.distributed.parallel_state import divide, get_tp_group, kv_head_range
 from loom.layers.kernels import bf16_dot_gemm_cpu, bf16_gemm_cpu
 from loom.layers.kernels.build import cpu_flags
+from loom.quantization.cpu_weight import QuantizedPackedWeight, kernel_applies, pack_quantized
+from loom.quantization.qtensor import QuantizedTensor
+
+logger = logging.getLogger(__name__)
 
 
 class CheckpointTensor(Protocol):
@@ -31,7 +36,11 @@ class CheckpointTensor(Protocol):
     def full(self) -> torch.Tensor: ...
 
 
-def copy_checked(dst: torch.Tensor, src: torch.Tensor, what: str) -> None:
+def copy_checked(dst: torch.Tensor, src: torch.Tensor | QuantizedTensor, what: str) -> None:
+    """Copy a checkpoint slice into a parameter; a quantized slice landing in a plain parameter (an embedding, a
+    layer without a quantized path) is dequantized."""
+    if isinstance(src, QuantizedTensor):
+        src = src.dequantize(torch.float32)
     if dst.shape != src.shape:
         raise ValueError(f"Shape mismatch loading {what}: checkpoint {tuple(src.shape)}, model {tuple(dst.shape)}")
     dst.copy_(src)
@@ -124,8 +133,41 @@ class PackableLinear(nn.Module):
 
     weight: nn.Parameter
     keeps_plain_weight = False
-    _packed: PackedWeight | None = None
+    _packed: PackedWeight | QuantizedPackedWeight | None = None
     _weight_shape: tuple[int, int] | None = None  # (out, in) of the weight once packing has released it
+    _quant_parts: dict[int, QuantizedTensor] | None = None  # row offset → quantized slice, until finalized
+
+    def place(self, param: nn.Parameter, row: int, src: torch.Tensor | QuantizedTensor, what: str) -> None:
+        """Put a checkpoint slice at output row `row` of `param`: copied, or for a quantized slice of the weight
+        kept quantized until `finalize_quantized` (parts of a fused layer may arrive in any order)."""
+        dst = param.data.narrow(0, row, src.shape[0]) if param.dim() else param.data
+        if isinstance(src, QuantizedTensor) and param is self.weight:
+            if tuple(dst.shape) != tuple(src.shape):
+                raise ValueError(f"Shape mismatch loading {what}: checkpoint {tuple(src.shape)}, model "
+                                 f"{tuple(dst.shape)}")
+            if self._quant_parts is None:
+                self._quant_parts = {}
+            self._quant_parts[row] = src
+            return
+        copy_checked(dst, src, what)
+
+    def finalize_quantized(self) -> str | None:
+        """Once loaded: a quantized weight becomes the CPU kernel's packed weight when it applies (bf16 compute on
+        an AVX-512 BF16 CPU), else it is dequantized into the plain weight. Returns the source format, or None
+        when the weight was not quantized."""
+        parts, self._quant_parts = self._quant_parts, None
+        if not parts:
+            return None
+        qt = QuantizedTensor.cat_rows([parts[row] for row in sorted(parts)])
+        if qt.shape != tuple(self.weight.shape):
+            raise ValueError(f"quantized weight parts cover {qt.shape}, the layer is {tuple(self.weight.shape)}")
+        if kernel_applies(qt, self.weight.dtype, self.weight.device) and not self.keeps_plain_weight:
+            self._weight_shape = tuple(self.weight.shape)
+            self._packed = pack_quantized(qt)
+            self.weight = nn.Parameter(self.weight.new_empty(0), requires_grad=False)
+        else:
+            self.weight.data.copy_(qt.dequantize(torch.float32))
+        return qt.source
 
     @property
     def features(self) -> tuple[int, int]:
@@ -149,6 +191,23 @@ class PackableLinear(nn.Module):
         return F.linear(x, self.weight, bias)
 
 
+def finalize_quantized_weights(model: nn.Module) -> dict[str, int]:
+    """Finalize every quantized linear layer of a loaded model; returns how many layers came from each format.
+    Logs once when the weights had to be dequantized (no kernel for this CPU or dtype)."""
+    formats: dict[str, int] = {}
+    dequantized = 0
+    for module in model.modules():
+        if isinstance(module, PackableLinear):
+            source = module.finalize_quantized()
+            if source is not None:
+                formats[source] = formats.get(source, 0) + 1
+                dequantized += not isinstance(module._packed, QuantizedPackedWeight)
+    if dequantized:
+        logger.warning("%d quantized linear layers were dequantized at load (no quantized kernel for this CPU "
+                       "and dtype): weight memory and speed are those of the compute dtype", dequantized)
+    return formats
+
+
 def pack_linear_weights(model: nn.Module) -> int:
     """Pack every packable linear layer (and LM head) of a loaded model; returns how many were packed."""
     return sum(m.pack_for_inference() for m in model.modules() if isinstance(m, PackableLinear))
@@ -158,7 +217,7 @@ class ReplicatedLinear(PackableLinear):
     def __init__(self, in_features: int, out_features: int, bias: bool = False):
         super().__init__()
         self.weight = _empty(out_features, in_features)
-        self.weight.weight_loader = self._load_full
+        self.weight.weight_loader = self._load_weight
         self.bias = _empty(out_features) if bias else None
         if self.bias is not None:
             self.bias.weight_loader = self._load_full
@@ -166,6 +225,9 @@ class ReplicatedLinear(PackableLinear):
     @staticmethod
     def _load_full(param: nn.Parameter, weight: CheckpointTensor, shard_id: object = None) -> None:
         copy_checked(param.data, weight.full(), "replicated weight")
+
+    def _load_weight(self, param: nn.Parameter, weight: CheckpointTensor, shard_id: object = None) -> None:
+        self.place(param, 0, weight.full(), "replicated weight")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.matmul(x, self.bias)
@@ -207,11 +269,11 @@ class ColumnParallelLinear(PackableLinear):
             for i, size in enumerate(self.output_sizes):
                 start = sum(self.output_sizes[:i]) + self._part_start(i)
                 part = weight.narrow(0, start, self.local_sizes[i])
-                copy_checked(param.data.narrow(0, self._shard_offset(i), self.local_sizes[i]), part, "fused shard")
+                self.place(param, self._shard_offset(i), part, "fused shard")
             return
         local = self.local_sizes[idx]
         src = weight.narrow(0, self._part_start(idx), local)
-        copy_checked(param.data.narrow(0, self._shard_offset(idx), local), src, f"column shard {idx}")
+        self.place(param, self._shard_offset(idx), src, f"column shard {idx}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.matmul(x, self.bias)
@@ -252,10 +314,13 @@ class RowParallelLinear(PackableLinear):
         self.weight.weight_loader = self._load_weight
         self.bias = _empty(out_features) if bias else None
         if self.bias is not None:
-            self.bias.weight_loader = ReplicatedLinear._load_full
+            self.bias.weight_loader = self._load_bias
+
+    def _load_bias(self, param: nn.Parameter, weight: CheckpointTensor, shard_id: object = None) -> None:
+        copy_checked(param.data, weight.full(), "row-parallel bias")
 
     def _load_weight(self, param: nn.Parameter, weight: CheckpointTensor, shard_id: object = None) -> None:
-        copy_checked(param.data, weight.narrow(1, self.tp.rank * self.local_in, self.local_in), "row shard")
+        self.place(param, 0, weight.narrow(1, self.tp.rank * self.local_in, self.local_in), "row shard")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.matmul(x)

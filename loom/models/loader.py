@@ -7,6 +7,7 @@ tensor (and each tensor-parallel rank reads only its own slice).
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -18,7 +19,11 @@ from safetensors import safe_open
 from torch import nn
 
 from loom.config import ModelConfig
+from loom.layers.linear import CheckpointTensor, finalize_quantized_weights
+from loom.models.gguf_checkpoint import gguf_file_of, iter_gguf_checkpoint
 from loom.models.registry import resolve_model_class
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -51,7 +56,11 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
     return files
 
 
-def iter_checkpoint(model_dir: Path, stack: ExitStack) -> Iterator[tuple[str, SafetensorsTensor]]:
+def iter_checkpoint(model_dir: Path, stack: ExitStack, hf_config: dict[str, Any] | None = None
+                    ) -> Iterator[tuple[str, CheckpointTensor]]:
+    if gguf_file_of(model_dir) is not None:
+        yield from iter_gguf_checkpoint(model_dir, hf_config or {})
+        return
     for file in checkpoint_files(model_dir):
         handle = stack.enter_context(safe_open(str(file), framework="pt", device="cpu"))
         for name in handle.keys():
@@ -72,8 +81,11 @@ def load_model(config: ModelConfig, device: torch.device | str = "cpu") -> nn.Mo
     finally:
         torch.set_default_dtype(prev_dtype)
     with ExitStack() as stack:
-        loaded = model.load_weights(iter_checkpoint(config.path, stack))
+        loaded = model.load_weights(iter_checkpoint(config.path, stack, config.hf_config))
     _check_complete(model, loaded)
+    formats = finalize_quantized_weights(model)
+    if formats:
+        logger.info("quantized linear layers: %s", ", ".join(f"{n} {fmt}" for fmt, n in sorted(formats.items())))
     return model.eval()
 
 
