@@ -113,6 +113,7 @@ def _materialize(gguf_file: Path) -> Path:
 
         config = AutoConfig.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name).to_dict()
         config["architectures"] = [ARCHITECTURES[arch][0]]
+        config.update(_config_fixes(reader, arch))
         config["torch_dtype"] = "bfloat16"  # compute dtype; the weights keep their own quantized storage
         config.pop("_name_or_path", None)
         config.pop("_model_name_or_path", None)
@@ -131,6 +132,17 @@ def _materialize(gguf_file: Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise GGUFError(f"cannot read the config or tokenizer of {gguf_file}: {type(err).__name__}: {err}") from err
     return out
+
+
+def _config_fixes(reader: Any, arch: str) -> dict[str, Any]:
+    """What transformers' GGUF config reading misses: an explicit head size (Qwen3's differs from hidden/heads),
+    and untied embeddings when the file has its own output matrix."""
+    fixes: dict[str, Any] = {}
+    key_length = reader.fields.get(f"{arch}.attention.key_length")
+    if key_length is not None:
+        fixes["head_dim"] = int(key_length.contents())
+    fixes["tie_word_embeddings"] = not any(t.name == "output.weight" for t in reader.tensors)
+    return fixes
 
 
 def _open(gguf_file: Path) -> Any:

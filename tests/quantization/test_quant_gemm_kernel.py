@@ -1,0 +1,59 @@
+"""The AVX-512 BF16 kernel over 4/8-bit grouped codes against the exact reference: bf16 activations times the
+dequantized fp32 weight, summed in fp32, rounded once to bf16."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from loom.layers.kernels import quant_gemm_cpu
+from loom.quantization.cpu_weight import code_table, pack_quantized
+from loom.quantization.qtensor import QuantizedTensor
+
+pytestmark = pytest.mark.skipif(quant_gemm_cpu.load() is None, reason="needs a CPU with AVX-512 BF16")
+
+NF4_LIKE = torch.tensor([-1.0, -0.6875, -0.5234375, -0.39453125, -0.28515625, -0.18359375, -0.08984375, 0.0,
+                         0.07958984375, 0.16015625, 0.24609375, 0.337890625, 0.4375, 0.5625, 0.72265625, 1.0])
+
+
+def _weight(n: int, k: int, bits: int, group: int, mins: bool, codebook: torch.Tensor | None, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    codes = (torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8) if bits == 4
+             else torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8))
+    scales = torch.rand(n, k // group, generator=gen) * 0.02 + 1e-3
+    offsets = torch.randn(n, k // group, generator=gen) * 0.05 if mins else None
+    return QuantizedTensor(codes, scales, offsets, bits, group, codebook=codebook)
+
+
+@pytest.mark.parametrize("bits,group,mins,codebook", [
+    (4, 32, True, None), (4, 32, False, torch.arange(16.0) - 8), (4, 128, True, None), (4, 16, False, NF4_LIKE),
+    (8, 32, False, None), (8, 16, True, None), (8, 320, False, None),
+])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9, 70])
+def test_matches_exact_reference(bits, group, mins, codebook, rows):
+    n, k = 72, 640  # 72 features: the last panel is partial
+    qt = _weight(n, k, bits, group, mins, codebook, seed=rows)
+    packed = pack_quantized(qt)
+    x = torch.randn(rows, k).bfloat16()
+    bias = torch.randn(n)
+    got = packed.matmul(x, bias)
+    expected = x.float() @ qt.dequantize().T + bias
+    assert got.dtype == torch.bfloat16 and got.shape == (rows, n)
+    # only the final rounding to bf16 (and fp32 summation order) separates them
+    torch.testing.assert_close(got.float(), expected, rtol=2 ** -7, atol=1e-3 * expected.abs().max().item())
+
+
+def test_leading_dimensions_and_empty_input():
+    qt = _weight(32, 64, 4, 32, True, None, seed=0)
+    packed = pack_quantized(qt)
+    x = torch.randn(2, 3, 64).bfloat16()
+    torch.testing.assert_close(packed.matmul(x, None).float(), (x.float() @ qt.dequantize().T),
+                               rtol=2 ** -7, atol=1e-3)
+    assert packed.matmul(torch.empty(0, 64, dtype=torch.bfloat16), None).shape == (0, 32)
+
+
+def test_code_table_refuses_values_bf16_cannot_hold():
+    book = NF4_LIKE.clone()
+    book[3] = 0.1  # not a bf16 number
+    assert code_table(_weight(16, 32, 4, 32, False, book, seed=0)) is None
+    assert code_table(_weight(16, 32, 4, 32, False, NF4_LIKE, seed=0)) is not None
