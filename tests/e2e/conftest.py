@@ -22,15 +22,17 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, model_dir: Path, log_path: Path, *extra: str):
+    def __init__(self, model_dir: Path | None, log_path: Path, *extra: str, env: dict[str, str] | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
-        cmd = [sys.executable, "-m", "loom.cli", "launch", "--model-id", str(model_dir), "--port", str(self.port),
+        model = ["--model-id", str(model_dir)] if model_dir is not None else []  # None: the default model
+        cmd = [sys.executable, "-m", "loom.cli", "launch", *model, "--port", str(self.port),
                "--prometheus-port", str(free_port()), "--hostname", "127.0.0.1", "--dtype", "float32",
                "--max-batch-total-tokens", "8192", "--max-total-tokens", "512", *extra]
         self.log = open(log_path, "w")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+                                     env={**os.environ, **(env or {})})
 
     def wait_ready(self, timeout: float = 180) -> Server:
         deadline = time.monotonic() + timeout
