@@ -66,7 +66,8 @@ def run_engine(config: dict) -> int:
         init_distributed(DistributedConfig(0, world, config["master_addr"], config["master_port"], 0,
                                            config["local_shards"]))
     try:
-        engine = EngineCore(config["model_dir"], config["dtype"], EngineConfig(**config["engine"]))
+        engine = EngineCore(config["model_dir"], config["dtype"], EngineConfig(**config["engine"]),
+                            quantize=config.get("quantize"))
         serve(engine, config["endpoint"])
     finally:
         tracing.shutdown()

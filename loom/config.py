@@ -69,9 +69,11 @@ class ModelConfig:
     dtype: torch.dtype
     architecture: str
     max_model_len: int  # longest sequence (prompt + generated) the model supports
+    quantize: str | None = None  # --quantize: an on-the-fly method, or the checkpoint format it must have
 
     @classmethod
-    def from_dir(cls, path: str | os.PathLike, dtype: str | torch.dtype = "auto") -> ModelConfig:
+    def from_dir(cls, path: str | os.PathLike, dtype: str | torch.dtype = "auto",
+                 quantize: str | None = None) -> ModelConfig:
         from loom.models.gguf_checkpoint import model_directory
 
         path = model_directory(path)  # a GGUF file → the directory Loom builds from its metadata
@@ -83,7 +85,10 @@ class ModelConfig:
         if not archs:
             raise ValueError(f"{cfg_file} has no `architectures` entry; cannot pick a model implementation")
         max_len = int(hf_config.get("max_position_embeddings") or hf_config.get("n_positions") or 4096)
-        return cls(path, hf_config, resolve_dtype(dtype, hf_config), archs[0], max_len)
+        from loom.quantization.methods import check_checkpoint
+
+        quantize = check_checkpoint(quantize, hf_config, path)
+        return cls(path, hf_config, resolve_dtype(dtype, hf_config), archs[0], max_len, quantize)
 
     def get(self, key: str, default: Any = None) -> Any:
         return self.hf_config.get(key, default)

@@ -85,6 +85,7 @@ def build_run_config(args: dict[str, Any], model_id: str, model_dir: Path, run_d
     )
     return {
         "model_dir": str(model_dir), "dtype": args["dtype"] or "auto", "endpoint": f"ipc://{run_dir}/engine",
+        "quantize": args["quantize"],
         "engine": asdict(engine), "router": asdict(router), "prometheus_port": args["prometheus_port"],
         "graceful_termination_timeout": args["graceful_termination_timeout"], "json_output": bool(args["json_output"]),
         "otlp_endpoint": args["otlp_endpoint"], "otlp_service_name": args["otlp_service_name"],
@@ -103,6 +104,16 @@ def check_shards(args: dict[str, Any], model_dir: Path) -> None:
         check_tensor_parallel(ModelConfig.from_dir(model_dir), args["num_shard"])
     except ValueError as err:
         raise SystemExit(f"error: --num-shard {args['num_shard']}: {err}") from err
+
+
+def check_quantize(args: dict[str, Any], model_dir: Path) -> None:
+    """Refuse a --quantize value that does not apply to the checkpoint before starting any process."""
+    if args.get("quantize") is None:
+        return
+    try:
+        ModelConfig.from_dir(model_dir, quantize=args["quantize"])
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from err
 
 
 def describe_exit(code: int) -> str:
@@ -127,6 +138,7 @@ class Launcher:
         signal.signal(signal.SIGINT, self._on_signal)
         try:
             model_id, model_dir = resolve_model(self.args["model_id"], self.args["revision"])
+            check_quantize(self.args, model_dir)
             check_shards(self.args, model_dir)
             config = build_run_config(self.args, model_id, model_dir, self.run_dir)
             config_path = self.run_dir / "run.json"

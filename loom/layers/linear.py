@@ -191,6 +191,22 @@ class PackableLinear(nn.Module):
         return F.linear(x, self.weight, bias)
 
 
+def quantize_linear_weights(model: nn.Module, method: str) -> int:
+    """`--quantize` on the fly: every linear layer's loaded weight becomes quantized parts (not the LM head, whose
+    logits TGI keeps in the compute dtype too). Returns how many layers."""
+    from loom.quantization.methods import quantize_weight
+
+    count = 0
+    for module in model.modules():
+        if type(module).__name__ == "ParallelLMHead" or not isinstance(module, PackableLinear):
+            continue
+        if module._quant_parts or module._packed is not None or module.weight.dim() != 2:
+            continue
+        module._quant_parts = {0: quantize_weight(module.weight.data, method)}
+        count += 1
+    return count
+
+
 def finalize_quantized_weights(model: nn.Module) -> dict[str, int]:
     """Finalize every quantized linear layer of a loaded model; returns how many layers came from each format.
     Logs once when the weights had to be dequantized (no kernel for this CPU or dtype)."""

@@ -19,7 +19,8 @@ from safetensors import safe_open
 from torch import nn
 
 from loom.config import ModelConfig
-from loom.layers.linear import CheckpointTensor, finalize_quantized_weights
+from loom.layers.linear import CheckpointTensor, finalize_quantized_weights, quantize_linear_weights
+from loom.quantization.methods import ON_THE_FLY
 from loom.models.gguf_checkpoint import gguf_file_of, iter_gguf_checkpoint
 from loom.models.registry import resolve_model_class
 
@@ -83,6 +84,8 @@ def load_model(config: ModelConfig, device: torch.device | str = "cpu") -> nn.Mo
     with ExitStack() as stack:
         loaded = model.load_weights(iter_checkpoint(config.path, stack, config.hf_config))
     _check_complete(model, loaded)
+    if config.quantize in ON_THE_FLY:
+        quantize_linear_weights(model, config.quantize)
     formats = finalize_quantized_weights(model)
     if formats:
         logger.info("quantized linear layers: %s", ", ".join(f"{n} {fmt}" for fmt, n in sorted(formats.items())))

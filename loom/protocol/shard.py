@@ -28,6 +28,7 @@ class LoadModel:
     architecture: str  # checked against the rank's own config.json
     num_blocks: int
     block_size: int
+    quantize: str | None = None  # --quantize, so every rank quantizes its shard the same way
 
 
 @dataclass(frozen=True)

@@ -41,13 +41,13 @@ def random_prompts(lengths: list[int], vocab: int, seed: int = 0) -> list[list[i
 
 
 def assert_logits_parity(path: str | Path, lengths=(1, 7, 33, 100), chunks=(None, 5, 1), atol: float = 1e-4,
-                         vocab: int = 50257, hf=None) -> None:
+                         vocab: int = 50257, hf=None, quantize: str | None = None) -> None:
     """float32 logits equal transformers' at every position, whether the prompt runs in one prefill, in chunks
     that attend to cached blocks, or one token at a time through the decode path. `hf`: the oracle model when it
     is not `from_pretrained(path)` (a GGUF file)."""
     hf = hf if hf is not None else hf_model(path)
     num_blocks = -(-max(lengths) // BLOCK) + 1
-    runner = ModelRunner(ModelConfig.from_dir(path, "float32"), num_blocks=num_blocks, block_size=BLOCK)
+    runner = ModelRunner(ModelConfig.from_dir(path, "float32", quantize), num_blocks=num_blocks, block_size=BLOCK)
     kv = KVCacheManager(num_blocks, BLOCK, enable_prefix_caching=False)
     for ids in random_prompts(list(lengths), vocab, seed=1):
         with torch.no_grad():
