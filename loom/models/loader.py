@@ -20,6 +20,7 @@ from torch import nn
 
 from loom.config import ModelConfig
 from loom.layers.linear import CheckpointTensor, finalize_quantized_weights, quantize_linear_weights
+from loom.quantization.hub_formats import group_quantized_tensors, scheme_of
 from loom.quantization.methods import ON_THE_FLY
 from loom.models.gguf_checkpoint import gguf_file_of, iter_gguf_checkpoint
 from loom.models.registry import resolve_model_class
@@ -36,6 +37,11 @@ class SafetensorsTensor:
     @property
     def shape(self) -> tuple[int, ...]:
         return tuple(self.slice.get_shape())
+
+    @property
+    def dtype_name(self) -> str:
+        """safetensors' dtype name ("BF16", "I8", ...), known without reading the tensor."""
+        return str(self.slice.get_dtype())
 
     def narrow(self, dim: int, start: int, length: int) -> torch.Tensor:
         index = [slice(None)] * len(self.shape)
@@ -82,7 +88,11 @@ def load_model(config: ModelConfig, device: torch.device | str = "cpu") -> nn.Mo
     finally:
         torch.set_default_dtype(prev_dtype)
     with ExitStack() as stack:
-        loaded = model.load_weights(iter_checkpoint(config.path, stack, config.hf_config))
+        weights = iter_checkpoint(config.path, stack, config.hf_config)
+        scheme = scheme_of(config.hf_config)
+        if scheme is not None:  # GPTQ / AWQ / compressed-tensors: each layer's parts become one quantized weight
+            weights = group_quantized_tensors(weights, scheme)
+        loaded = model.load_weights(weights)
     _check_complete(model, loaded)
     if config.quantize in ON_THE_FLY:
         quantize_linear_weights(model, config.quantize)

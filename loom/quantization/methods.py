@@ -69,7 +69,10 @@ def checkpoint_format(hf_config: dict, model_dir: Path) -> str | None:
 
 def check_checkpoint(quantize: str | None, hf_config: dict, model_dir: Path) -> str | None:
     """`--quantize` against the checkpoint (ValueError with one clear line when they disagree)."""
+    from loom.quantization.hub_formats import scheme_of
+
     method = check_method(quantize)
+    scheme_of(hf_config)  # a quantized format Loom cannot read: refused here, before any weight is read
     fmt = checkpoint_format(hf_config, model_dir)
     if method in ON_THE_FLY and fmt is not None:
         raise ValueError(f"--quantize {method} applies to bf16/fp16/fp32 checkpoints; {model_dir} is already "
