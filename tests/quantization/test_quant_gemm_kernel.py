@@ -16,12 +16,16 @@ NF4_LIKE = torch.tensor([-1.0, -0.6875, -0.5234375, -0.39453125, -0.28515625, -0
                          0.07958984375, 0.16015625, 0.24609375, 0.337890625, 0.4375, 0.5625, 0.72265625, 1.0])
 
 
-def _weight(n: int, k: int, bits: int, group: int, mins: bool, codebook: torch.Tensor | None, seed: int):
+def _weight(n: int, k: int, bits: int, group: int, mins: bool, codebook: torch.Tensor | None, seed: int,
+            half: bool = False):
     gen = torch.Generator().manual_seed(seed)
     codes = (torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8) if bits == 4
              else torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8))
     scales = torch.rand(n, k // group, generator=gen) * 0.02 + 1e-3
     offsets = torch.randn(n, k // group, generator=gen) * 0.05 if mins else None
+    if half:  # exactly fp16 numbers, as GGUF's are: stored as fp16 by the packer
+        scales = scales.half().float()
+        offsets = None if offsets is None else offsets.half().float()
     return QuantizedTensor(codes, scales, offsets, bits, group, codebook=codebook)
 
 
@@ -30,12 +34,14 @@ def _weight(n: int, k: int, bits: int, group: int, mins: bool, codebook: torch.T
     (8, 32, False, None), (8, 16, True, None), (8, 320, False, None),
 ])
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9, 70])
-def test_matches_exact_reference(bits, group, mins, codebook, rows):
-    n, k = 72, 640  # 72 features: the last panel is partial
-    qt = _weight(n, k, bits, group, mins, codebook, seed=rows)
+@pytest.mark.parametrize("half", [False, True])
+def test_matches_exact_reference(bits, group, mins, codebook, rows, half):
+    n, k = 72, 640  # 72 features: the last panel is partial, the last group of 4 panels too
+    qt = _weight(n, k, bits, group, mins, codebook, seed=rows, half=half)
     packed = pack_quantized(qt)
     x = torch.randn(rows, k).bfloat16()
     bias = torch.randn(n)
+    assert packed.scales.dtype == (torch.float16 if half else torch.float32)
     got = packed.matmul(x, bias)
     expected = x.float() @ qt.dequantize().T + bias
     assert got.dtype == torch.bfloat16 and got.shape == (rows, n)
