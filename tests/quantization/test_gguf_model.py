@@ -86,3 +86,15 @@ def test_gguf_files_outside_the_directory_are_not_touched(tmp_path):
     before = path.stat().st_mtime_ns
     ModelConfig.from_dir(path, "float32")
     assert path.stat().st_mtime_ns == before
+
+
+def test_two_tensor_parallel_ranks_slice_quantized_weights(tmp_path):
+    """Quantized weights are split over ranks like plain ones (rows of q/k/v and gate/up, whole groups of the
+    inputs of o/down): greedy tokens equal one rank's."""
+    from loom import LLM, SamplingParams
+
+    path = write_tiny_gguf(tmp_path / "tiny-q4k.gguf", "llama", "Q4_K")
+    prompts, params = random_prompts([5, 30], 260, seed=6), SamplingParams(max_new_tokens=12)
+    expected = [r.token_ids for r in LLM(path, dtype="float32").generate(prompts, params)]
+    with LLM(path, dtype="float32", tensor_parallel_size=2) as llm:
+        assert [r.token_ids for r in llm.generate(prompts, params)] == expected
