@@ -143,6 +143,13 @@ def resolve(argv: list[str] | None = None, environ: dict[str, str] | None = None
             raw = environ[env_name(flag)]
             value = _bool(raw) if typ in ("flag", _bool) else [raw] if flag == "--cors-allow-origin" else typ(raw)
         out[key] = default if value is None else value
+    if out["quantize"] is not None:  # the name now; whether it fits the checkpoint once the model is resolved
+        from loom.quantization.methods import check_method
+
+        try:
+            check_method(out["quantize"])
+        except ValueError as err:
+            raise SystemExit(f"error: {err}") from err
     return _check(out, environ)
 
 

@@ -37,8 +37,8 @@ def test_legacy_max_input_length():
 
 
 @pytest.mark.parametrize("argv, env, message", [
-    (["--quantize", "awq"], {}, "--quantize is not supported by Loom: weight quantization"),
-    ([], {"QUANTIZE": "gptq"}, "--quantize is not supported"),
+    (["--quantize", "int3"], {}, "'int3' is not a TGI quantization method; Loom takes eetq, bitsandbytes"),
+    ([], {"QUANTIZE": "exl2"}, "--quantize exl2: ExLlamaV2 checkpoints are not supported"),
     (["--speculate", "2"], {}, "--speculate is not supported"),
     (["--trust-remote-code"], {}, "remote code is never executed"),
     (["--lora-adapters", "a"], {}, "LoRA"),
@@ -46,6 +46,12 @@ def test_legacy_max_input_length():
 def test_unsupported_flags_are_refused(argv, env, message):
     with pytest.raises(SystemExit, match=message):
         resolve(argv, environ=env)
+
+
+def test_quantize_takes_tgi_method_names():
+    assert resolve(["--quantize", "bitsandbytes-nf4"], environ={})["quantize"] == "bitsandbytes-nf4"
+    assert resolve([], environ={"QUANTIZE": "eetq"})["quantize"] == "eetq"
+    assert resolve([], environ={})["quantize"] is None
 
 
 def test_disable_custom_kernels_is_a_switch():
