@@ -20,9 +20,9 @@ def test_quantizers_round_to_their_grid(method):
     deq = qt.dequantize()
     assert deq.shape == w.shape
     if method in ("eetq", "bitsandbytes"):
-        assert (qt.bits, qt.group_size) == (8, 128)
-        step = w.abs().amax(1, keepdim=True) / 127
-        assert ((deq - w).abs() <= step / 2 + 1e-7).all()  # nearest int8 step
+        assert (qt.bits, qt.group_size) == (8, 64)
+        step = (w.view(48, 2, 64).abs().amax(-1, keepdim=True) / 127).expand(48, 2, 64).reshape(48, 128)
+        assert ((deq - w).abs() <= step / 2 + 1e-7).all()  # nearest int8 step of its group
     else:
         book = NF4_CODEBOOK if method.endswith("nf4") else FP4_CODEBOOK
         assert (qt.bits, qt.group_size) == (4, 64) and torch.equal(qt.codebook, book)
