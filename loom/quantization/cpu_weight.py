@@ -1,14 +1,21 @@
-"""A linear layer's quantized weight packed for the CPU kernel (kernels/quant_gemm_cpu.py), or None where the
-kernel does not apply (no AVX-512 BF16, a codebook bf16 cannot hold): the layer then dequantizes at load."""
+"""A linear layer's quantized weight packed for a CPU kernel: integer-valued codes (GGUF, GPTQ, AWQ,
+compressed-tensors, int8) on AVX-512 VNNI CPUs go to kernels/quant_vnni_gemm_cpu.py (int8 activations, as
+llama.cpp); code books (NF4, FP4) and VNNI-less AVX-512 BF16 CPUs to kernels/quant_gemm_cpu.py (bf16 activations,
+exact products). LOOM_QUANT_KERNEL=bf16 forces the latter (A/B measurements). Where neither applies the layer
+dequantizes at load."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 
-from loom.layers.kernels import quant_gemm_cpu
+from loom.layers.kernels import quant_gemm_cpu, quant_vnni_gemm_cpu
 from loom.quantization.qtensor import QuantizedTensor
+
+
+VNNI_4, VNNI_8 = 10, 11
 
 
 @dataclass(frozen=True)
@@ -17,7 +24,8 @@ class QuantizedPackedWeight:
     scales: torch.Tensor
     mins: torch.Tensor | None
     table: torch.Tensor  # 32 bf16 words: value of each 4-bit code (code-book mode)
-    mode: int  # 0: affine 4-bit (value = code − (offset − 128)), 1: 4-bit code book, 2: 8-bit
+    mode: int  # bf16 kernel: 0 affine 4-bit (value = code − (offset − 128)), 1 4-bit code book, 2 8-bit;
+    # VNNI kernel: VNNI_4 / VNNI_8 (value = stored code − offset)
     offset: float
     group_size: int
     out_features: int
@@ -28,6 +36,11 @@ class QuantizedPackedWeight:
         return sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.mins) if t is not None)
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.mode == VNNI_4 or self.mode == VNNI_8:
+            vnni = quant_vnni_gemm_cpu.load()
+            assert vnni is not None
+            return vnni.linear(x, self.codes, self.scales, self.mins, bias, 4 if self.mode == VNNI_4 else 8,
+                               int(self.offset), self.group_size, self.out_features)
         module = quant_gemm_cpu.load()
         assert module is not None
         return module.linear(x, self.codes, self.scales, self.mins, self.table, bias, self.mode, self.offset,
@@ -58,20 +71,38 @@ def _fits_fp16(t: torch.Tensor | None) -> bool:
     return t is None or bool(torch.equal(t.to(torch.float16).to(torch.float32), t.to(torch.float32)))
 
 
+def _vnni_applies(qt: QuantizedTensor) -> bool:
+    """Integer-valued codes (no code book, or an affine one) on a CPU with AVX-512 VNNI."""
+    integer = qt.bits == 8 or affine_offset(qt) is not None
+    return (integer and qt.group_size % (8 if qt.bits == 4 else 4) == 0
+            and os.environ.get("LOOM_QUANT_KERNEL") != "bf16" and quant_vnni_gemm_cpu.load() is not None)
+
+
+def _bf16_applies(qt: QuantizedTensor) -> bool:
+    return qt.group_size % 4 == 0 and quant_gemm_cpu.load() is not None and code_table(qt) is not None
+
+
 def kernel_applies(qt: QuantizedTensor, dtype: torch.dtype, device: torch.device) -> bool:
-    return (device.type == "cpu" and dtype == torch.bfloat16 and qt.group_size % 4 == 0
-            and quant_gemm_cpu.load() is not None and code_table(qt) is not None)
+    return device.type == "cpu" and dtype == torch.bfloat16 and (_vnni_applies(qt) or _bf16_applies(qt))
 
 
 def pack_quantized(qt: QuantizedTensor) -> QuantizedPackedWeight:
     """Codes in the kernel's interleaved layout; scales and mins in fp16 when they are exactly fp16 numbers (GGUF's
     d and m, GPTQ/AWQ scales): a fifth fewer bytes per 4-bit weight than fp32."""
+    half = _fits_fp16(qt.scales) and _fits_fp16(qt.mins)
+    if _vnni_applies(qt):
+        vnni = quant_vnni_gemm_cpu.load()
+        assert vnni is not None
+        return QuantizedPackedWeight(
+            codes=vnni.pack_codes(qt.codes, qt.bits), scales=vnni.pack_groups(qt.scales, half),
+            mins=None if qt.mins is None else vnni.pack_groups(qt.mins, half), table=torch.zeros(32, dtype=torch.int16),
+            mode=VNNI_4 if qt.bits == 4 else VNNI_8, offset=float(affine_offset(qt) if qt.bits == 4 else 128),
+            group_size=qt.group_size, out_features=qt.shape[0], source=qt.source)
     module = quant_gemm_cpu.load()
     table = code_table(qt)
     assert module is not None and table is not None
     z = affine_offset(qt) if qt.bits == 4 else None
     mode = 2 if qt.bits == 8 else (0 if z is not None else 1)
-    half = _fits_fp16(qt.scales) and _fits_fp16(qt.mins)
     return QuantizedPackedWeight(
         codes=module.pack_codes(qt.codes, qt.bits), scales=module.pack_groups(qt.scales, half),
         mins=None if qt.mins is None else module.pack_groups(qt.mins, half), table=table, mode=mode,

@@ -81,10 +81,11 @@ def prebuild() -> None:
     matmul kernel this CPU's dispatch picks is built (layers/linear.py: cpu_bf16_packing)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from loom.layers.kernels import fused_cpu, paged_decode_cpu, prefill_attention_cpu, quant_gemm_cpu
+    from loom.layers.kernels import (fused_cpu, paged_decode_cpu, prefill_attention_cpu, quant_gemm_cpu,
+                                     quant_vnni_gemm_cpu)
     from loom.layers.linear import cpu_bf16_packing
 
     with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
         loads = (paged_decode_cpu.load, cpu_bf16_packing, fused_cpu.load, prefill_attention_cpu.load,
-                 quant_gemm_cpu.load)
+                 quant_gemm_cpu.load, quant_vnni_gemm_cpu.load)
         list(pool.map(lambda load: load(), loads))
