@@ -195,8 +195,9 @@ static inline void micro(const Acts& a, int64_t row0, int64_t AB, const Weights&
         for (int q = 0; q < PANELS; ++q) iacc[r][q] = _mm512_setzero_si512();
       const int64_t t0 = b * AB / KS;
       for (int64_t t = t0; t < t0 + steps_per_block; ++t) {
+        // no software prefetch: the hardware's stream prefetcher does better on this one stream per tile (measured
+        // 8 / 16 / 32 steps ahead against none: none 20-25% faster at 1 and 16 rows, Zen 4)
         const uint8_t* ct = codes + t * PG * 64;
-        _mm_prefetch(reinterpret_cast<const char*>(ct + 8 * PG * 64), _MM_HINT_T0);
         if constexpr (BITS == 4) {
           __m512i w0[PANELS], w1[PANELS];
 #pragma GCC unroll 4
@@ -405,5 +406,5 @@ def load() -> ModuleType | None:
     """The compiled kernel on an x86 CPU with AVX-512 F/BW and VNNI, else None."""
     if not {"avx512f", "avx512bw", "avx512_vnni"} <= cpu_flags():
         return None
-    module = load_kernel("loom_quant_vnni_gemm_cpu_v2", _SOURCE)
+    module = load_kernel("loom_quant_vnni_gemm_cpu_v3", _SOURCE)
     return module if module is not None and module.supported() else None
