@@ -1,8 +1,8 @@
-"""A linear layer's quantized weight packed for a CPU kernel: integer-valued codes (GGUF, GPTQ, AWQ,
-compressed-tensors, int8) on AVX-512 VNNI CPUs go to kernels/quant_vnni_gemm_cpu.py (int8 activations, as
-llama.cpp); code books (NF4, FP4) and VNNI-less AVX-512 BF16 CPUs to kernels/quant_gemm_cpu.py (bf16 activations,
-exact products). LOOM_QUANT_KERNEL=bf16 forces the latter (A/B measurements). Where neither applies the layer
-dequantizes at load."""
+"""A linear layer's quantized weight packed for a CPU kernel: by default kernels/quant_gemm_cpu.py (AVX-512 BF16:
+the exact weight times bf16 activations, the numerics of a bf16 model); with LOOM_QUANT_KERNEL=vnni, integer-valued
+codes (GGUF, GPTQ, AWQ, compressed-tensors, int8) on AVX-512 VNNI CPUs go to kernels/quant_vnni_gemm_cpu.py (int8
+activations, as llama.cpp: faster from 4 rows up, less exact). Where neither applies the layer dequantizes at
+load."""
 
 from __future__ import annotations
 
@@ -72,10 +72,13 @@ def _fits_fp16(t: torch.Tensor | None) -> bool:
 
 
 def _vnni_applies(qt: QuantizedTensor) -> bool:
-    """Integer-valued codes (no code book, or an affine one) on a CPU with AVX-512 VNNI."""
+    """Opted in (LOOM_QUANT_KERNEL=vnni), integer-valued codes (no code book, or an affine one), AVX-512 VNNI.
+
+    Not the default: its int8 activations, though within 0.5% in perplexity, change greedy choices the exact
+    path makes (SmolLM2 Q4_1 answers "What is the capital of France?" in French instead of "...is Paris.")."""
     integer = qt.bits == 8 or affine_offset(qt) is not None
     return (integer and qt.group_size % (8 if qt.bits == 4 else 4) == 0
-            and os.environ.get("LOOM_QUANT_KERNEL") != "bf16" and quant_vnni_gemm_cpu.load() is not None)
+            and os.environ.get("LOOM_QUANT_KERNEL") == "vnni" and quant_vnni_gemm_cpu.load() is not None)
 
 
 def _bf16_applies(qt: QuantizedTensor) -> bool:

@@ -39,12 +39,20 @@ def test_other_architectures(tmp_path, arch, weight_type):
 
 @pytest.mark.skipif(quant_gemm_cpu.load() is None, reason="needs a CPU with AVX-512 BF16")
 @pytest.mark.parametrize("weight_type", ["Q4_0", "Q4_K", "Q6_K"])
-def test_bf16_runs_the_quantized_kernel(tmp_path, weight_type):
+@pytest.mark.parametrize("kernel", ["default", "vnni"])
+def test_bf16_runs_the_quantized_kernel(tmp_path, weight_type, kernel, monkeypatch):
+    from loom.layers.kernels import quant_vnni_gemm_cpu
+
+    if kernel == "vnni":
+        if quant_vnni_gemm_cpu.load() is None:
+            pytest.skip("needs a CPU with AVX-512 VNNI")
+        monkeypatch.setenv("LOOM_QUANT_KERNEL", "vnni")
     path = write_tiny_gguf(tmp_path / f"tiny-{weight_type}.gguf", "llama", weight_type)
     config = ModelConfig.from_dir(path, "bfloat16")
     runner = ModelRunner(config, num_blocks=8, block_size=16)
     layer = runner.model.model.layers[0].mlp.down_proj
     assert type(layer._packed).__name__ == "QuantizedPackedWeight" and layer.weight.numel() == 0
+    assert (layer._packed.mode >= 10) == (kernel == "vnni")
     ids = random_prompts([48], 260, seed=4)[0]
     got = paged_logits(runner, KVCacheManager(8, 16, enable_prefix_caching=False), ids, 48).float()
     with torch.no_grad():

@@ -18,7 +18,12 @@ needs_vnni = pytest.mark.skipif(quant_vnni_gemm_cpu.load() is None, reason="need
 
 @pytest.fixture
 def bf16_kernel(monkeypatch):
-    monkeypatch.setenv("LOOM_QUANT_KERNEL", "bf16")
+    monkeypatch.delenv("LOOM_QUANT_KERNEL", raising=False)  # the default
+
+
+@pytest.fixture
+def vnni_kernel(monkeypatch):
+    monkeypatch.setenv("LOOM_QUANT_KERNEL", "vnni")
 
 
 def _int8_activations(x: torch.Tensor, group: int, kstep: int) -> torch.Tensor:
@@ -75,7 +80,7 @@ def test_matches_exact_reference(bits, group, mins, codebook, rows, half, bf16_k
     (8, 32, False, None), (8, 16, True, None), (8, 320, False, None), (8, 640, True, None),
 ])
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 70])
-def test_vnni_matches_int8_activation_reference(bits, group, mins, codebook, rows):
+def test_vnni_matches_int8_activation_reference(bits, group, mins, codebook, rows, vnni_kernel):
     n, k = 72, 640
     qt = _weight(n, k, bits, group, mins, codebook, seed=rows, half=True)
     packed = pack_quantized(qt)
