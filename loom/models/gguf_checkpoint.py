@@ -8,7 +8,8 @@ memory-mapped file by the `gguf` package. Quantized tensors of the types in `ggu
 `QuantizedTensor`s and stay quantized; other quantized types are dequantized at load with a warning.
 
 Tensor names follow llama.cpp's converter; so does its reordering of the q and k rows for Llama-architecture
-models (interleaved rotary halves), undone here per row (rows are whole blocks, so this is exact for every type).
+models (interleaved rotary halves), undone here per row (rows are whole blocks, so this is exact for every type),
+and its storing of Gemma's RMSNorm weights as 1 + w.
 """
 
 from __future__ import annotations
@@ -41,6 +42,16 @@ ARCHITECTURES = {
     "mistral": ("MistralForCausalLM", True),
     "qwen2": ("Qwen2ForCausalLM", False),
     "qwen3": ("Qwen3ForCausalLM", False),
+    "gemma2": ("Gemma2ForCausalLM", False),
+    "gemma3": ("Gemma3ForCausalLM", False),
+}
+# Gemma: llama.cpp stores RMSNorm weights as 1 + w (its norm multiplies by the weight; Gemma's by 1 + w) and names
+# the sandwich norms differently
+_GEMMA = {"gemma2", "gemma3"}
+_GEMMA_NAMES = {
+    "blk.{i}.post_attention_norm": "model.layers.{i}.post_attention_layernorm",
+    "blk.{i}.ffn_norm": "model.layers.{i}.pre_feedforward_layernorm",
+    "blk.{i}.post_ffw_norm": "model.layers.{i}.post_feedforward_layernorm",
 }
 
 # llama.cpp tensor name (without .weight/.bias) → Hugging Face name; {i} is the block index
@@ -163,14 +174,14 @@ def _architecture(reader: Any, gguf_file: Path) -> str:
     return arch
 
 
-def hf_name(gguf_name: str) -> str | None:
+def hf_name(gguf_name: str, arch: str = "llama") -> str | None:
     """The Hugging Face name of a llama.cpp tensor name; None for tensors Loom recomputes."""
     stem, _, suffix = gguf_name.rpartition(".")
     if stem in _SKIPPED:
         return None
     match = _BLOCK.match(stem)
     key, index = (f"blk.{{i}}.{match.group(2)}", match.group(1)) if match else (stem, None)
-    target = _NAMES.get(key)
+    target = (_GEMMA_NAMES.get(key) if arch in _GEMMA else None) or _NAMES.get(key)
     if target is None:
         raise GGUFError(f"GGUF tensor {gguf_name!r} has no place in the model")
     return f"{target.format(i=index)}.{suffix}"
@@ -193,6 +204,7 @@ class GGUFTensor:
     data: np.ndarray  # memory-mapped: (rows, bytes per row) for quantized types, (rows, cols) or (n,) otherwise
     shape: tuple[int, ...]
     row_index: torch.Tensor | None = None  # Hugging Face row r is GGUF row row_index[r]
+    minus_one: bool = False  # a Gemma norm weight stored as 1 + w
 
     @property
     def quantized(self) -> bool:
@@ -208,7 +220,8 @@ class GGUFTensor:
         if self.quantized:
             return gguf_blocks.decode(self.type_name, raw, length, self.shape[1])
         if self.type_name in ("F32", "F16"):
-            return torch.from_numpy(np.array(raw)).to(torch.float32)
+            value = torch.from_numpy(np.array(raw)).to(torch.float32)
+            return value - 1 if self.minus_one else value
         if self.type_name == "BF16":
             return torch.from_numpy(np.ascontiguousarray(raw).view(np.int16)).view(torch.bfloat16)
         from gguf import GGMLQuantizationType, quants
@@ -239,7 +252,7 @@ def iter_gguf_checkpoint(model_dir: Path, hf_config: dict[str, Any]) -> Iterator
              "k_proj": int(hf_config.get("num_key_value_heads") or hf_config["num_attention_heads"])}
     warned: set[str] = set()
     for t in reader.tensors:
-        name = hf_name(t.name)
+        name = hf_name(t.name, arch)
         if name is None:
             continue
         type_name = t.tensor_type.name
@@ -254,4 +267,7 @@ def iter_gguf_checkpoint(model_dir: Path, hf_config: dict[str, Any]) -> Iterator
         proj = name.split(".")[-2]
         if permuted and proj in heads:
             row_index = _unpermute_index(shape[0], heads[proj])
-        yield name, GGUFTensor(t.name, type_name, t.data, shape, row_index)
+        minus_one = arch in _GEMMA and name.endswith("norm.weight")
+        if minus_one and type_name not in ("F32", "F16"):
+            raise GGUFError(f"{gguf_file}: Gemma norm {t.name} stored as {type_name} (F32/F16 expected)")
+        yield name, GGUFTensor(t.name, type_name, t.data, shape, row_index, minus_one)

@@ -47,7 +47,7 @@ def _random_k_blocks(type_name: str, rows: int, cols: int, rng: np.random.Genera
 
 def write_tiny_gguf(out: Path, arch: str = "llama", weight_type: str = "Q8_0", seed: int = 0, hidden: int = 256,
                     intermediate: int = 512, layers: int = 2, heads: int = 4, kv_heads: int = 2) -> Path:
-    """A random `arch` model (llama, qwen2 or qwen3) with every linear weight in `weight_type`."""
+    """A random `arch` model (llama, qwen2, qwen3, gemma2 or gemma3) with every linear weight in `weight_type`."""
     from gguf import GGMLQuantizationType, GGUFWriter, quants
 
     tokens, merges, token_types = _byte_level_vocab()
@@ -67,6 +67,8 @@ def write_tiny_gguf(out: Path, arch: str = "llama", weight_type: str = "Q8_0", s
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
     writer.add_vocab_size(vocab)
+    if arch in ("gemma2", "gemma3"):
+        writer.add_sliding_window(16)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("smollm")
     writer.add_token_list(tokens)
@@ -92,10 +94,14 @@ def write_tiny_gguf(out: Path, arch: str = "llama", weight_type: str = "Q8_0", s
 
     add_float("token_embd.weight", (vocab, hidden))
     add_float("output_norm.weight", (hidden,), 0.1, 1.0)
-    add_linear("output.weight", vocab, hidden)
+    if arch not in ("gemma2", "gemma3"):  # Gemma ties its head to the embedding, as its GGUFs do
+        add_linear("output.weight", vocab, hidden)
     for i in range(layers):
         add_float(f"blk.{i}.attn_norm.weight", (hidden,), 0.1, 1.0)
         add_float(f"blk.{i}.ffn_norm.weight", (hidden,), 0.1, 1.0)
+        if arch in ("gemma2", "gemma3"):  # sandwich norms
+            add_float(f"blk.{i}.post_attention_norm.weight", (hidden,), 0.1, 1.0)
+            add_float(f"blk.{i}.post_ffw_norm.weight", (hidden,), 0.1, 1.0)
         add_linear(f"blk.{i}.attn_q.weight", heads * head_dim, hidden)
         add_linear(f"blk.{i}.attn_k.weight", kv_heads * head_dim, hidden)
         add_linear(f"blk.{i}.attn_v.weight", kv_heads * head_dim, hidden)
@@ -106,7 +112,7 @@ def write_tiny_gguf(out: Path, arch: str = "llama", weight_type: str = "Q8_0", s
         if arch == "qwen2":
             for proj, size in (("q", heads), ("k", kv_heads), ("v", kv_heads)):
                 add_float(f"blk.{i}.attn_{proj}.bias", (size * head_dim,), 0.1)
-        if arch == "qwen3":
+        if arch in ("qwen3", "gemma3"):
             add_float(f"blk.{i}.attn_q_norm.weight", (head_dim,), 0.1, 1.0)
             add_float(f"blk.{i}.attn_k_norm.weight", (head_dim,), 0.1, 1.0)
     writer.write_header_to_file()
@@ -129,14 +135,16 @@ def hf_model_from_gguf(path: Path, dtype: torch.dtype = torch.float32):
     if f"{arch}.attention.key_length" in reader.fields:  # transformers reads no head size from GGUF metadata
         config.head_dim = int(reader.fields[f"{arch}.attention.key_length"].contents())
     config.tie_word_embeddings = not any(t.name == "output.weight" for t in reader.tensors)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+    model = AutoModelForCausalLM.from_config(config)  # on the CPU: its non-persistent buffers stay real
     tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=model)["tensors"]
     with warnings.catch_warnings():  # transformers' lazy arrays predate numpy 2's `copy` keyword
         warnings.simplefilter("ignore", DeprecationWarning)
         state = {name: torch.from_numpy(np.array(t, copy=True)).to(dtype) for name, t in tensors.items()}
-    model.load_state_dict(state, strict=False, assign=True)
+    missing = set(model.state_dict()) - set(state)
+    if config.tie_word_embeddings or "lm_head.weight" not in state:
+        missing.discard("lm_head.weight")
+    assert not missing, f"transformers' GGUF reader left {sorted(missing)[:5]} unset"
+    model.load_state_dict(state, strict=False)
     if config.tie_word_embeddings or "lm_head.weight" not in state:
         model.lm_head.weight = model.model.embed_tokens.weight
-    model.model.rotary_emb = type(model.model.rotary_emb)(config=config)  # its buffers were on the meta device
     return model.to(dtype).eval()

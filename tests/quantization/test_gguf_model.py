@@ -31,7 +31,8 @@ def test_llama_gguf_logits_match_transformers(tmp_path, weight_type):
     assert_logits_parity(path, lengths=(1, 19, 40), chunks=(None, 7, 1), vocab=260, hf=hf_model_from_gguf(path))
 
 
-@pytest.mark.parametrize("arch,weight_type", [("qwen2", "Q8_0"), ("qwen3", "Q4_K")])
+@pytest.mark.parametrize("arch,weight_type", [("qwen2", "Q8_0"), ("qwen3", "Q4_K"), ("gemma2", "Q4_0"),
+                                              ("gemma3", "Q6_K")])
 def test_other_architectures(tmp_path, arch, weight_type):
     path = write_tiny_gguf(tmp_path / f"tiny-{arch}.gguf", arch, weight_type)
     assert_logits_parity(path, lengths=(1, 33), chunks=(None, 1), vocab=260, hf=hf_model_from_gguf(path))
