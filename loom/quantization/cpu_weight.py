@@ -16,6 +16,7 @@ from loom.quantization.qtensor import QuantizedTensor
 
 
 VNNI_4, VNNI_8 = 10, 11
+_FEATURES_PER_PANEL, _PANELS_PER_STREAM = 16, 4  # the kernels' NR and PG
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,17 @@ def affine_offset(qt: QuantizedTensor) -> int | None:
     return int(z) if float(z).is_integer() and torch.equal(book, torch.arange(16, dtype=torch.float32) - z) else None
 
 
+def pack_groups(values: torch.Tensor, half: bool) -> torch.Tensor:
+    """Per-group scales or mins (N, G) → both kernels' layout (ceil(P/4), G, 4, 16) for P panels of 16 features,
+    zero padded; fp16 when every value is exactly an fp16 (GGUF's d and m), else fp32."""
+    n, groups = values.shape
+    panel_groups = -(-n // (_PANELS_PER_STREAM * _FEATURES_PER_PANEL))
+    padded = torch.zeros(panel_groups * _PANELS_PER_STREAM * _FEATURES_PER_PANEL, groups, dtype=torch.float32)
+    padded[:n] = values.to(torch.float32)
+    out = padded.view(panel_groups, _PANELS_PER_STREAM, _FEATURES_PER_PANEL, groups).permute(0, 3, 1, 2).contiguous()
+    return out.to(torch.float16) if half else out
+
+
 def _fits_fp16(t: torch.Tensor | None) -> bool:
     return t is None or bool(torch.equal(t.to(torch.float16).to(torch.float32), t.to(torch.float32)))
 
@@ -97,8 +109,8 @@ def pack_quantized(qt: QuantizedTensor) -> QuantizedPackedWeight:
         vnni = quant_vnni_gemm_cpu.load()
         assert vnni is not None
         return QuantizedPackedWeight(
-            codes=vnni.pack_codes(qt.codes, qt.bits), scales=vnni.pack_groups(qt.scales, half),
-            mins=None if qt.mins is None else vnni.pack_groups(qt.mins, half), table=torch.zeros(32, dtype=torch.int16),
+            codes=vnni.pack_codes(qt.codes, qt.bits), scales=pack_groups(qt.scales, half),
+            mins=None if qt.mins is None else pack_groups(qt.mins, half), table=torch.zeros(32, dtype=torch.int16),
             mode=VNNI_4 if qt.bits == 4 else VNNI_8, offset=float(affine_offset(qt) if qt.bits == 4 else 128),
             group_size=qt.group_size, out_features=qt.shape[0], source=qt.source)
     module = quant_gemm_cpu.load()
@@ -107,6 +119,6 @@ def pack_quantized(qt: QuantizedTensor) -> QuantizedPackedWeight:
     z = affine_offset(qt) if qt.bits == 4 else None
     mode = 2 if qt.bits == 8 else (0 if z is not None else 1)
     return QuantizedPackedWeight(
-        codes=module.pack_codes(qt.codes, qt.bits), scales=module.pack_groups(qt.scales, half),
-        mins=None if qt.mins is None else module.pack_groups(qt.mins, half), table=table, mode=mode,
+        codes=module.pack_codes(qt.codes, qt.bits), scales=pack_groups(qt.scales, half),
+        mins=None if qt.mins is None else pack_groups(qt.mins, half), table=table, mode=mode,
         offset=128.0 + (z or 0), group_size=qt.group_size, out_features=qt.shape[0], source=qt.source)

@@ -67,15 +67,6 @@ torch::Tensor pack_codes(torch::Tensor codes, int64_t bits) {
   return out;
 }
 
-torch::Tensor pack_groups(torch::Tensor v, bool half) {
-  v = v.to(at::kFloat).contiguous();
-  const int64_t N = v.size(0), G = v.size(1), P = (N + NR - 1) / NR, G4 = (P + PG - 1) / PG;
-  auto padded = torch::zeros({G4 * PG * NR, G}, v.options());
-  padded.narrow(0, 0, N).copy_(v);
-  auto out = padded.view({G4, PG, NR, G}).permute({0, 3, 1, 2}).contiguous();
-  return half ? out.to(at::kHalf) : out;
-}
-
 struct Acts {  // one block of rows' activations, quantized
   std::vector<int8_t> q;      // (M, K)
   std::vector<float> scale;   // (M, K / AB)
@@ -384,7 +375,6 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scales,
 bool supported() { return true; }
 #else
 torch::Tensor pack_codes(torch::Tensor, int64_t) { TORCH_CHECK(false, "built without AVX-512 VNNI"); }
-torch::Tensor pack_groups(torch::Tensor, bool) { TORCH_CHECK(false, "built without AVX-512 VNNI"); }
 torch::Tensor linear(torch::Tensor, torch::Tensor, torch::Tensor, c10::optional<torch::Tensor>,
                      c10::optional<torch::Tensor>, int64_t, int64_t, int64_t, int64_t) {
   TORCH_CHECK(false, "built without AVX-512 VNNI");
@@ -394,7 +384,6 @@ bool supported() { return false; }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack_codes", &pack_codes);
-  m.def("pack_groups", &pack_groups);
   m.def("linear", &linear);
   m.def("supported", &supported);
 }
