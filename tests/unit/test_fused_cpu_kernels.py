@@ -68,6 +68,44 @@ def test_rotary_equals_rotate_half(dtype, head_dim, rotary_dim):
     assert torch.equal(q2, got) and torch.equal(k2, got[:, :2])
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim,rotary_dim", [(64, 64), (96, 32)])
+def test_rope_store_equals_rotary_then_store(dtype, head_dim, rotary_dim):
+    """The fused attention front: q as `rotary` returns it, k rotated and v copied into exactly their slots."""
+    gen = torch.Generator().manual_seed(head_dim)
+    hq, hkv, rows = 6, 2, 5
+    rope = RotaryEmbedding(head_dim, rotary_dim, 512, {"rope_type": "default", "rope_theta": 10000.0})
+    qkv = torch.randn(rows, (hq + 2 * hkv) * head_dim, generator=gen).to(dtype)
+    positions = torch.tensor([0, 7, 100, 300, 511])
+    slots = torch.tensor([3, 40, 0, 17, 63])
+    cache = torch.zeros(2, 64, hkv, head_dim, dtype=dtype)
+    q_ref, k, v = qkv.split([hq * head_dim, hkv * head_dim, hkv * head_dim], dim=-1)
+    q_ref, k_ref = rope(positions, q_ref.view(rows, hq, head_dim), k.view(rows, hkv, head_dim))
+    want = torch.zeros_like(cache)
+    want[0, slots], want[1, slots] = k_ref, v.view(rows, hkv, head_dim)
+    q = fused_cpu.rope_store(qkv, rope.cos, rope.sin, positions, rotary_dim, hq, hkv, cache, slots)
+    assert torch.equal(q, q_ref) and torch.equal(cache, want)
+    with pytest.raises(RuntimeError, match="slot out of range"):
+        fused_cpu.rope_store(qkv, rope.cos, rope.sin, positions, rotary_dim, hq, hkv, cache, slots + 64)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 40])
+def test_add_rms_norm_equals_add_then_norm(dtype, rows):
+    gen = torch.Generator().manual_seed(rows)
+    x, residual = ((torch.randn(rows, 960, generator=gen) * 3).to(dtype) for _ in range(2))
+    w = torch.randn(960, generator=gen).to(dtype)
+    before, summed = residual.clone(), residual + x
+    out = fused_cpu.add_rms_norm(x, residual, w, 1e-5)
+    assert torch.equal(residual, summed)  # the sum, rounded as torch's add rounds it, written in place
+    assert torch.equal(out, fused_cpu.rms_norm(summed, w, 1e-5))
+    norm = RMSNorm(960, 1e-5).to(dtype)
+    norm.weight.data.copy_(w)
+    got, new_residual = norm.add_forward(x, before)  # `before` is the caller's own: it may be written into
+    assert torch.equal(new_residual, summed)
+    within_one_rounding(got, reference_rms_norm(summed, w, 1e-5), scaled(summed, w))
+
+
 def test_paths_that_do_not_apply_fall_back():
     assert fused_cpu.rms_norm(torch.randn(2, 8), torch.randn(8).double(), 1e-6) is None  # mixed dtypes
     x = torch.randn(3, 4, 8).transpose(0, 1)  # heads not packed
@@ -75,6 +113,10 @@ def test_paths_that_do_not_apply_fall_back():
     assert fused_cpu.rotary(x, rope.cos, rope.sin, torch.arange(4), 8) is None
     long = torch.randn(fused_cpu.ROTARY_MAX_ROWS + 1, 2, 8)  # prefill-sized: torch's vectorised ops
     assert fused_cpu.rotary(long, rope.cos, rope.sin, torch.arange(long.shape[0]) % 16, 8) is None
+    cache = torch.zeros(2, 16, 1, 8)
+    assert fused_cpu.rope_store(torch.randn(2, 24), rope.cos, rope.sin, torch.arange(2), 8, 1, 1, cache.bfloat16(),
+                                torch.arange(2)) is None  # cache of another dtype
+    assert fused_cpu.add_rms_norm(torch.randn(2, 8), torch.randn(2, 8).t().contiguous().t(), torch.randn(8), 1e-6) is None
 
 
 @pytest.mark.skipif(not fused_cpu.silu_mul_supported(),

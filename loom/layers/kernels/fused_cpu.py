@@ -74,9 +74,11 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
 
 // NeoX-style rotary on the first `rd` features of each head: x * cos + rotate_half(x) * sin, with cos and sin
 // cast to T, each product rounded to T, then the sum (torch's order). cos/sin tables: (positions, rd) fp32.
+// Output row t goes to out + (out_rows ? out_rows[t] : t) * heads * D (a KV cache's slots, or packed rows).
 template <typename T>
 static void rotary_kernel(const T* x, int64_t row_stride, int64_t heads, int64_t D, const float* cos,
-                          const float* sin, const int64_t* pos, int64_t rd, T* out, int64_t T_rows) {
+                          const float* sin, const int64_t* pos, int64_t rd, T* out, int64_t T_rows,
+                          const int64_t* out_rows = nullptr) {
   const int64_t half = rd / 2;
   at::parallel_for(0, T_rows, 4, [&](int64_t begin, int64_t end) {
     std::vector<float> cs(2 * rd);  // this token's cos and sin, cast to T once for all its heads
@@ -87,7 +89,7 @@ static void rotary_kernel(const T* x, int64_t row_stride, int64_t heads, int64_t
       const float *cr = cs.data(), *sr = cs.data() + rd;
       for (int64_t h = 0; h < heads; ++h) {
         const T* xh = x + t * row_stride + h * D;
-        T* oh = out + (t * heads + h) * D;
+        T* oh = out + ((out_rows ? out_rows[t] : t) * heads + h) * D;
         for (int64_t i = 0; i < half; ++i) {
           const float x1 = as_float(xh + i), x2 = as_float(xh + i + half);
           oh[i] = static_cast<T>(round_to<T>(x1 * cr[i]) + round_to<T>(-x2 * sr[i]));
@@ -109,6 +111,61 @@ torch::Tensor rotary(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, torc
     rotary_kernel<scalar_t>(x.data_ptr<scalar_t>(), x.stride(0), x.size(1), x.size(2), cos.data_ptr<float>(),
                             sin.data_ptr<float>(), positions.data_ptr<int64_t>(), rd, out.data_ptr<scalar_t>(),
                             x.size(0));
+  });
+  return out;
+}
+
+// The front of attention for a fused qkv projection, in one call: rotary on q (returned, (T, Hq, D)) and on k
+// (written straight into its cache slot), v copied into its slot. qkv: (T, (Hq + 2 Hkv) * D), features contiguous;
+// caches (slots, Hkv, D) contiguous. The same roundings as `rotary` then store_kv: only the calls are saved.
+torch::Tensor rope_store(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, torch::Tensor positions, int64_t rd,
+                         int64_t Hq, int64_t Hkv, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slots) {
+  const int64_t T = qkv.size(0), D = k_cache.size(2);
+  TORCH_CHECK(qkv.dim() == 2 && qkv.stride(1) == 1 && qkv.size(1) == (Hq + 2 * Hkv) * D, "rope_store: qkv rows");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.size(1) == Hkv &&
+              k_cache.scalar_type() == qkv.scalar_type() && v_cache.scalar_type() == qkv.scalar_type(),
+              "rope_store: caches");
+  TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.scalar_type() == at::kFloat, "rope_store: fp32 tables");
+  TORCH_CHECK(positions.scalar_type() == at::kLong && positions.is_contiguous() && positions.size(0) == T &&
+              slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.size(0) == T, "rope_store: rows");
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  const int64_t n = k_cache.size(0), P = cos.size(0);
+  const int64_t* pp = positions.data_ptr<int64_t>();
+  for (int64_t t = 0; t < T; ++t) {
+    TORCH_CHECK(sp[t] >= 0 && sp[t] < n, "rope_store: slot out of range");
+    TORCH_CHECK(pp[t] >= 0 && pp[t] < P, "rope_store: position out of range");
+  }
+  auto q = torch::empty({T, Hq, D}, qkv.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, qkv.scalar_type(), "loom_rope_store", [&] {
+    const scalar_t* x = qkv.data_ptr<scalar_t>();
+    const int64_t stride = qkv.stride(0);
+    const float *c = cos.data_ptr<float>(), *s = sin.data_ptr<float>();
+    rotary_kernel<scalar_t>(x, stride, Hq, D, c, s, pp, rd, q.data_ptr<scalar_t>(), T);
+    rotary_kernel<scalar_t>(x + Hq * D, stride, Hkv, D, c, s, pp, rd, k_cache.data_ptr<scalar_t>(), T, sp);
+    scalar_t* vc = v_cache.data_ptr<scalar_t>();
+    for (int64_t t = 0; t < T; ++t)
+      std::memcpy(vc + sp[t] * Hkv * D, x + t * stride + (Hq + Hkv) * D, Hkv * D * sizeof(scalar_t));
+  });
+  return q;
+}
+
+// Residual add then Llama RMSNorm, as `residual = residual + x; y = norm(residual)` in torch: the sum rounded to T
+// (written back into `residual`), then the norm of the rounded sum. One call instead of two; same values.
+torch::Tensor add_rms_norm(torch::Tensor x, torch::Tensor residual, torch::Tensor weight, double eps) {
+  const int64_t H = x.size(-1);
+  TORCH_CHECK(x.is_contiguous() && residual.is_contiguous() && weight.is_contiguous() &&
+              x.sizes() == residual.sizes() && x.scalar_type() == residual.scalar_type(), "add_rms_norm: shapes");
+  const int64_t rows = x.numel() / std::max<int64_t>(H, 1);
+  auto out = torch::empty_like(x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "loom_add_rms_norm", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    scalar_t* rp = residual.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(H, 1)), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r)
+        for (int64_t i = 0; i < H; ++i)
+          rp[r * H + i] = static_cast<scalar_t>(as_float(rp + r * H + i) + as_float(xp + r * H + i));
+    });
+    rms_norm_kernel<scalar_t>(rp, H, weight.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), rows, H, (float)eps);
   });
   return out;
 }
@@ -158,6 +215,8 @@ bool silu_mul_supported() { return false; }
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm);
   m.def("rotary", &rotary);
+  m.def("rope_store", &rope_store);
+  m.def("add_rms_norm", &add_rms_norm);
   m.def("silu_mul", &silu_mul);
   m.def("silu_mul_supported", &silu_mul_supported);
 }
@@ -168,7 +227,7 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 def load() -> ModuleType | None:
     # no FMA contraction: torch rounds each product before the sum, and so must the kernel
-    return load_kernel("loom_fused_cpu_v6", _SOURCE, ("-ffp-contract=off",))
+    return load_kernel("loom_fused_cpu_v7", _SOURCE, ("-ffp-contract=off",))
 
 
 def _usable(x: torch.Tensor) -> ModuleType | None:
@@ -201,6 +260,30 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: tor
             or cos.dtype != torch.float32 or positions.dtype != torch.int64):
         return None
     return module.rotary(x, cos, sin, positions.contiguous(), rotary_dim)
+
+
+def rope_store(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, rotary_dim: int,
+               num_heads: int, num_kv_heads: int, cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor | None:
+    """For a fused qkv output (T, (Hq + 2 Hkv) * D): rotated q (T, Hq, D) returned, rotated k and v written into
+    their slots of `cache` (2, slots, Hkv, D), in one call; None (nothing written) when the kernel does not apply.
+    The values of `rotary` on q and k then `store_kv`: at one token per step the three calls, the split and the
+    views cost ~30 µs per layer, the arithmetic ~1 µs."""
+    module = _usable(qkv)
+    if (module is None or qkv.dim() != 2 or qkv.shape[0] == 0 or qkv.shape[0] > ROTARY_MAX_ROWS
+            or qkv.stride(1) != 1 or cache.dtype != qkv.dtype or not cache.is_contiguous()
+            or cos.dtype != torch.float32 or positions.dtype != torch.int64 or slots.dtype != torch.int64):
+        return None
+    return module.rope_store(qkv, cos, sin, positions, rotary_dim, num_heads, num_kv_heads, cache[0], cache[1], slots)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """`residual += x` (rounded to the dtype, in place) then the Llama RMSNorm of it, in one call; None (residual
+    untouched) when the kernel does not apply."""
+    module = _usable(x)
+    if (module is None or weight.dtype != x.dtype or residual.dtype != x.dtype or x.shape != residual.shape
+            or not x.is_contiguous() or not residual.is_contiguous() or x.numel() == 0):
+        return None
+    return module.add_rms_norm(x, residual, weight, eps)
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor | None:
