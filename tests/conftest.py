@@ -10,7 +10,8 @@ from loom.layers.kernels.build import prebuild
 from loom.testing.tiny_models import make_tiny_checkpoint, save_gpt2_tokenizer
 
 # The C++ CPU kernels, compiled side by side before test modules that need them are collected (a minute each on a
-# new machine, one after the other otherwise; loaded from the cache afterwards).
+# new machine, one after the other otherwise; loaded from the cache afterwards). With LOOM_REQUIRE_KERNELS=1 (CI) a
+# kernel that fails to build raises here, and the whole run stops with the compiler's message.
 prebuild()
 
 # name → (transformers family, config overrides). Each is a real architecture's config at toy size.

@@ -4,6 +4,10 @@ The kernels are compiled with `-march=native`, so a build is only valid on the C
 name carries a digest of this CPU's feature flags, and a cache directory shared between machines (a mounted
 TORCH_EXTENSIONS_DIR, a container image built elsewhere) never hands one CPU another's binary.
 LOOM_DISABLE_CPU_KERNELS=1 turns every kernel off (the torch paths are used instead).
+
+Each kernel's C++ source is a file in csrc/ (`<module>.cpp`); kernel_source() reads it as the one text torch
+compiles. A kernel that fails to build is a warning and the torch path (a server still starts on a machine without
+a compiler), unless LOOM_REQUIRE_KERNELS=1 (CI): then it is an error.
 """
 
 from __future__ import annotations
@@ -12,13 +16,17 @@ import hashlib
 import logging
 import os
 import platform
+import re
 import threading
 import time
 from functools import cache
+from pathlib import Path
 from types import ModuleType
 
 logger = logging.getLogger(__name__)
 
+CSRC = Path(__file__).parent / "csrc"
+_INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]*"([^"]+)".*$', re.M)
 _CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 _lock = threading.Lock()
 _locks: dict[str, threading.Lock] = {}
@@ -43,9 +51,41 @@ def _cpu_digest() -> str:
     return hashlib.blake2b(text.encode(), digest_size=6).hexdigest()
 
 
+def kernel_source(file: str) -> str:
+    """The C++ source csrc/`file` as one text, each `#include "<file in csrc>"` replaced by that file's text
+    (recursively). torch decides when to rebuild from a hash of this text, so editing a header rebuilds the kernels
+    that include it. `#line` directives keep compiler messages pointing at the csrc files' own lines."""
+    return _spliced(file, ())
+
+
+def _spliced(file: str, including: tuple[str, ...]) -> str:
+    if file in including:
+        raise ValueError(f"csrc/{file} includes itself (via {' -> '.join(including)})")
+    text = (CSRC / file).read_text()
+
+    def splice(match: re.Match) -> str:
+        header = match.group(1)
+        if not (CSRC / header).is_file():
+            return match.group(0)  # not one of ours: left to the compiler
+        body = _spliced(header, (*including, file)).rstrip("\n")
+        after = text.count("\n", 0, match.start()) + 2  # the #include's line + 1, numbered from 1
+        return f'{body}\n#line {after} "csrc/{file}"'
+
+    return f'#line 1 "csrc/{file}"\n' + _INCLUDE.sub(splice, text)
+
+
+def _compiler_errors(err: Exception, max_lines: int = 15) -> str:
+    """The lines of a failed build's message that say what failed (torch's message carries the compiler's output)."""
+    lines = [line.strip()[:300] for line in str(err).splitlines() if line.strip()]
+    # torch's first line, "Error building extension '<name>': [1/2] c++ <the whole command line>", says nothing more
+    errors = [line for line in lines if "error" in line.lower() and not line.startswith("Error building extension")]
+    return "\n".join((errors or lines)[:max_lines]) or repr(err)
+
+
 def load_kernel(name: str, source: str, extra_cflags: tuple[str, ...] = ()) -> ModuleType | None:
     """The compiled module `name` (built on first use, then loaded from torch's extension cache), or None when it
-    cannot be built here: no compiler, no headers, or LOOM_DISABLE_CPU_KERNELS=1."""
+    cannot be built here (no compiler, no headers, a compile error: logged as a warning) or LOOM_DISABLE_CPU_KERNELS=1.
+    With LOOM_REQUIRE_KERNELS=1 a failed build raises RuntimeError instead."""
     if name in _built:
         return _built[name]
     with _lock:
@@ -69,8 +109,11 @@ def load_kernel(name: str, source: str, extra_cflags: tuple[str, ...] = ()) -> M
                 )
                 if not cached:
                     logger.info("built CPU kernel %s in %.0f s", name, time.monotonic() - started)
-            except Exception as err:  # noqa: BLE001 — no compiler, no headers: the torch path is used
-                logger.warning("CPU kernel %s unavailable (%s); using the torch path", name, err)
+            except Exception as err:  # noqa: BLE001 — no compiler, no headers, a compile error
+                if os.environ.get("LOOM_REQUIRE_KERNELS") == "1":
+                    raise RuntimeError(f"CPU kernel {name} failed to build (LOOM_REQUIRE_KERNELS=1): {err}") from err
+                logger.warning("CPU kernel %s failed to build; using the torch path. The build said:\n%s",
+                               name, _compiler_errors(err))
         _built[name] = module
         return module
 

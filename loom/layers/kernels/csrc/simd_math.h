@@ -1,12 +1,13 @@
-"""C++ helpers shared by several CPU kernels' sources (each kernel is its own extension, so shared code is text
-spliced into each source where it says `@EXP512@`). Only valid inside an `#if defined(__AVX512F__)` block that has
-included <immintrin.h>."""
+// C++ helpers shared by several of Loom's CPU kernels. Each kernel is its own extension, compiled from one text:
+// build.kernel_source() splices this file's text into each kernel source that includes it.
+#ifndef LOOM_SIMD_MATH_H
+#define LOOM_SIMD_MATH_H
 
-from __future__ import annotations
+#if defined(__AVX512F__)
+#include <immintrin.h>
 
-# e^x on 16 floats: 2^n * p(r), n = round(x / ln 2), |rel. error| < 2e-7 (torch's Sleef expf: 1 ulp). x is clamped to
-# [-87, 88]: below, ~1e-38 instead of 0 (callers mask such lanes), above, ~1.6e38 instead of inf.
-EXP512 = r"""
+// e^x on 16 floats: 2^n * p(r), n = round(x / ln 2), |rel. error| < 2e-7 (torch's Sleef expf: 1 ulp). x is clamped to
+// [-87, 88]: below, ~1e-38 instead of 0 (callers mask such lanes), above, ~1.6e38 instead of inf.
 static inline __m512 exp512(__m512 x) {
   x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
@@ -22,9 +23,6 @@ static inline __m512 exp512(__m512 x) {
   p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
   return _mm512_scalef_ps(p, n);
 }
-"""
+#endif  // __AVX512F__
 
-
-def splice(source: str) -> str:
-    """`source` with the shared helpers in place of their markers."""
-    return source.replace("@EXP512@", EXP512)
+#endif  // LOOM_SIMD_MATH_H
