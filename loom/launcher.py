@@ -96,7 +96,7 @@ def build_run_config(args: dict[str, Any], model_id: str, model_dir: Path, run_d
 
 def check_shards(args: dict[str, Any], model_dir: Path) -> None:
     """Refuse a shard count the model cannot be split into before starting any process."""
-    from loom.distributed.parallel_state import check_tensor_parallel
+    from loom.models.registry import check_tensor_parallel
 
     if args["num_shard"] == 1:
         return

@@ -13,7 +13,8 @@ import torch
 from tqdm.auto import tqdm
 
 from loom.config import EngineConfig, ModelConfig
-from loom.distributed.parallel_state import check_tensor_parallel, get_tp_group
+from loom.distributed.parallel_state import get_tp_group
+from loom.models.registry import check_tensor_parallel
 from loom.engine.core import EngineCore
 from loom.sampling_params import SamplingParams
 

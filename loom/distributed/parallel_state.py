@@ -8,13 +8,9 @@ tensor-parallel ready.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
-
-if TYPE_CHECKING:
-    from loom.config import ModelConfig
 
 
 @dataclass(frozen=True)
@@ -80,22 +76,3 @@ def kv_head_range(num_kv_heads: int, tp: TPGroup) -> tuple[int, int]:
         f"key/value heads ({num_kv_heads}) cannot be shared by {tp.size} tensor-parallel ranks: the number of "
         "ranks must divide the key/value heads or be a multiple of them"
     )
-
-
-def check_tensor_parallel(config: ModelConfig, size: int) -> None:
-    """Refuse, before any rank starts, a tensor-parallel size the model's heads cannot be split into. (The
-    layers check their other dimensions, e.g. the MLP width, as they are built.)"""
-    if size < 1:
-        raise ValueError(f"the tensor-parallel size must be >= 1, got {size}")
-    if size == 1:
-        return
-    from loom.models.registry import supported_architectures
-
-    if config.architecture not in supported_architectures():
-        raise ValueError(f"{config.architecture} runs through the generic transformers path, which has no tensor "
-                         "parallelism; use one shard")
-    heads = config.num_attention_heads
-    if heads % size:
-        raise ValueError(f"{config.architecture} has {heads} attention heads, which {size} tensor-parallel shards "
-                         f"cannot split evenly; use a number of shards that divides {heads}")
-    kv_head_range(config.num_kv_heads, TPGroup(0, size))

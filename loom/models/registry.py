@@ -9,9 +9,14 @@ from __future__ import annotations
 
 import importlib
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
+
+from loom.distributed.parallel_state import TPGroup, kv_head_range
+
+if TYPE_CHECKING:
+    from loom.config import ModelConfig
 
 logger = logging.getLogger(__name__)
 
@@ -63,3 +68,20 @@ def resolve_model_class(architecture: str, hf_config: dict[str, Any] | None = No
         )
     module, class_name = entry
     return getattr(importlib.import_module(module), class_name)
+
+
+def check_tensor_parallel(config: ModelConfig, size: int) -> None:
+    """Refuse, before any rank starts, a tensor-parallel size the model's heads cannot be split into. (The
+    layers check their other dimensions, e.g. the MLP width, as they are built.)"""
+    if size < 1:
+        raise ValueError(f"the tensor-parallel size must be >= 1, got {size}")
+    if size == 1:
+        return
+    if config.architecture not in supported_architectures():
+        raise ValueError(f"{config.architecture} runs through the generic transformers path, which has no tensor "
+                         "parallelism; use one shard")
+    heads = config.num_attention_heads
+    if heads % size:
+        raise ValueError(f"{config.architecture} has {heads} attention heads, which {size} tensor-parallel shards "
+                         f"cannot split evenly; use a number of shards that divides {heads}")
+    kv_head_range(config.num_kv_heads, TPGroup(0, size))

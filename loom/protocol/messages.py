@@ -11,8 +11,16 @@ from typing import Union
 
 import msgspec
 
-from loom.engine.outputs import RequestOutput
+from loom.protocol.outputs import RequestOutput
 from loom.sampling_params import SamplingParams
+
+
+def endpoint_paths(endpoint: str) -> tuple[str, str]:
+    """`endpoint` is an ipc:// (or tcp://host:port) base; returns the (to-engine, from-engine) addresses."""
+    if endpoint.startswith("ipc://"):
+        return f"{endpoint}-in", f"{endpoint}-out"
+    host, port = endpoint.rsplit(":", 1)
+    return endpoint, f"{host}:{int(port) + 1}"
 
 
 class Hello(msgspec.Struct, tag=True, frozen=True):

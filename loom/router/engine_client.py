@@ -13,8 +13,7 @@ import zmq
 import zmq.asyncio
 import zmq.utils.monitor
 
-from loom.engine.outputs import RequestOutput
-from loom.engine.server import endpoint_paths
+from loom.protocol.outputs import RequestOutput
 from loom.protocol.messages import (
     AbortRequests,
     AddRequest,
@@ -26,6 +25,7 @@ from loom.protocol.messages import (
     StepOutputs,
     StepStats,
     encode,
+    endpoint_paths,
     from_engine_decoder,
 )
 from loom.sampling_params import SamplingParams

@@ -16,7 +16,8 @@ import transformers
 
 from loom import LLM, SamplingParams
 from loom.config import ModelConfig
-from loom.distributed.parallel_state import TPGroup, check_tensor_parallel, get_tp_group, kv_head_range
+from loom.distributed.parallel_state import TPGroup, get_tp_group, kv_head_range
+from loom.models.registry import check_tensor_parallel
 from loom.engine.core import EngineCore
 from loom.testing.parity import make_checkpoint, random_prompts
 
