@@ -1,7 +1,9 @@
-"""The engine: one step = schedule → run the model → sample → advance requests → report new tokens.
+"""The engine: one step = schedule → execute (the runner runs the model and samples) → update (the scheduler
+advances the requests) → report new tokens.
 
 `EngineCore` is driven by a loop that calls `step()` while there is work: `loom.LLM` in-process, or the engine
-process behind the router. It owns the scheduler, KV manager, runner and sampler; nothing else writes to them.
+process behind the router. It owns the scheduler (the only writer of request state), the KV manager and the runner
+(the only writer of its per-request batch state).
 """
 
 from __future__ import annotations
@@ -16,15 +18,15 @@ import torch
 from loom.config import EngineConfig, ModelConfig
 from loom.distributed.parallel_state import get_tp_group
 from loom.engine.kv.kv_manager import KVCacheManager
-from loom.engine.outputs import RequestOutput
+from loom.protocol.outputs import RequestOutput
 from loom.engine.request import Request
 from loom.engine.scheduler import Scheduler
 from loom.engine.stop import StopChecker
 from loom.grammar.guide import GrammarGuide
 from loom.sampling_params import SamplingParams
 from loom.tokenizer import eos_token_ids, load_tokenizer
-from loom.worker.runner import ModelRunner
-from loom.worker.sampler import Sampler, SamplerOutput, SamplingRow
+from loom.protocol.plan import StepResult
+from loom.worker.runner import GuidedMasks, ModelRunner
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +85,7 @@ class EngineCore:
             self.config = config = replace(config, max_batch_prefill_tokens=self._default_prefill_budget(device))
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.kv)
-        self.sampler = Sampler()
+        self.last_forward_seconds = 0.0  # the latest step's forward pass (the engine server reports it)
         self.grammar = GrammarGuide(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
         logger.info(
             "engine ready: %s (%s), KV cache %d blocks × %d tokens, max total tokens %d",
@@ -126,12 +128,9 @@ class EngineCore:
                 f"`inputs` tokens + `max_new_tokens` must be <= {self.max_total_tokens}. "
                 f"Given: {len(prompt_token_ids)} `inputs` tokens and {max_new} `max_new_tokens`"
             )
-        generator = None
-        if params.is_sampling:
-            generator = torch.Generator().manual_seed(params.seed)  # type: ignore[arg-type]
         request = Request(
             request_id, list(prompt_token_ids), params, max_new, self.eos_token_ids,
-            stop_checker=StopChecker.create(params.stop, self.tokenizer, prompt_token_ids), generator=generator,
+            stop_checker=StopChecker.create(params.stop, self.tokenizer, prompt_token_ids),
             prompt_logprobs=[None] if prompt_logprobs else None,
             grammar=self.grammar.matcher(params.grammar) if params.grammar is not None else None,
         )
@@ -150,51 +149,24 @@ class EngineCore:
         if not scheduled.seqs:
             return []
         plan = self.scheduler.make_plan(scheduled)
-        sampling = [s.request for s in scheduled.seqs if s.samples]
-        guided = [i for i, r in enumerate(sampling) if r.grammar is not None]
-        # The masks depend only on the tokens so far: computed while the model runs.
-        masks = self.grammar.masks_async([sampling[i].grammar for i in guided]) if guided else None
-        logits = self.runner.execute(plan)
-        last_rows, row = [], 0
-        for seq, sp in zip(scheduled.seqs, plan.seqs):
-            if sp.all_logits:
-                self._record_prompt_logprobs(seq.request, sp.start, logits[row : row + len(sp.token_ids)])
-                row += len(sp.token_ids)
-                if sp.sample:
-                    last_rows.append(row - 1)
-            elif sp.sample:
-                last_rows.append(row)
-                row += 1
-        rows = [SamplingRow(r.params, r.generator, r.token_ids) for r in sampling]
-        sample_logits = logits if len(last_rows) == logits.shape[0] else logits[last_rows]
-        sampled = self.sampler(sample_logits, rows, (guided, masks.result()) if masks is not None else None)
-        for i in guided:
-            GrammarGuide.advance(sampling[i].grammar, sampled.token_ids[i])
-        tokens = {r.request_id: t for r, t in zip(sampling, sampled.token_ids)}
-        self.scheduler.update(scheduled, tokens)
-        return self._outputs(sampling, sampled)
+        guided = [s.request for s in scheduled.seqs if s.samples and s.request.grammar is not None]
+        masks = None
+        if guided:  # the masks depend only on the tokens so far: computed while the model runs
+            masks = GuidedMasks([r.request_id for r in guided], self.grammar.masks_async([r.grammar for r in guided]))
+        result = self.runner.execute(plan, masks)
+        self.last_forward_seconds = result.forward_seconds
+        self.scheduler.update(scheduled, result)
+        return self._outputs({s.request.request_id: s.request for s in scheduled.seqs}, result)
 
     @staticmethod
-    def _record_prompt_logprobs(request: Request, start: int, logits: torch.Tensor) -> None:
-        """Row i of `logits` (position start+i) scores the prompt token at position start+i+1. Positions scored
-        before a preemption are not scored again."""
-        assert request.prompt_logprobs is not None
-        prompt = request.prompt_token_ids
-        first = max(start, len(request.prompt_logprobs) - 1)
-        end = min(start + logits.shape[0], len(prompt) - 1)
-        if end <= first:
-            return
-        targets = torch.tensor(prompt[first + 1 : end + 1]).unsqueeze(1)
-        scores = torch.log_softmax(logits[first - start : end - start], dim=-1).gather(1, targets).squeeze(1)
-        request.prompt_logprobs.extend(scores.tolist())
-
-    def _outputs(self, sampling: list[Request], sampled: SamplerOutput) -> list[RequestOutput]:
+    def _outputs(requests: dict[str, Request], result: StepResult) -> list[RequestOutput]:
         outputs = []
-        for i, r in enumerate(sampling):
+        for i, rid in enumerate(result.request_ids):
+            r = requests[rid]
             first = r.num_output_tokens == 1
             outputs.append(RequestOutput(
-                r.request_id, [sampled.token_ids[i]], [sampled.logprobs[i]],
-                [sampled.top_tokens[i]] if r.params.top_n_tokens else [],
+                rid, [result.token_ids[i]], [result.logprobs[i]],
+                [result.top_tokens[i]] if r.params.top_n_tokens else [],
                 r.is_finished, r.finish_reason.value if r.finish_reason else None,
                 r.num_prompt_tokens, r.num_cached_tokens, r.params.seed,
                 r.prompt_logprobs if first and r.prompt_logprobs is not None else None,

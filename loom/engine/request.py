@@ -7,8 +7,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from loom.engine.stop import StopChecker
 from loom.sampling_params import SamplingParams
 
@@ -34,7 +32,6 @@ class Request:
     max_new_tokens: int
     eos_token_ids: frozenset[int]
     stop_checker: StopChecker | None = None
-    generator: torch.Generator | None = None  # per-request RNG; same seed → same draws whatever the batch
     arrival_time: float = field(default_factory=time.monotonic)
     token_ids: list[int] = field(default_factory=list)  # prompt + generated; positions of the sequence
     num_computed_tokens: int = 0  # positions whose K/V are in the cache

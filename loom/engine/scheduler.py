@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from loom.config import EngineConfig
 from loom.engine.kv.kv_manager import KVCacheManager
 from loom.engine.request import FinishReason, Request, RequestStatus
-from loom.protocol.plan import SeqPlan, StepPlan
+from loom.grammar.guide import GrammarGuide
+from loom.protocol.plan import NewSeq, PromptScores, RunningSeq, StepPlan, StepResult
 
 
 @dataclass(slots=True)
@@ -56,6 +57,10 @@ class Scheduler:
         self.running: list[Request] = []  # in admission order: preemption takes from the end
         self.requests: dict[str, Request] = {}
         self.stats = SchedulerStats()
+        # What the runner holds: block-table length of each request whose KV it has (a running request then goes
+        # in the plan as a diff), and the requests it should drop at the next plan.
+        self._runner_blocks: dict[str, int] = {}
+        self._runner_drops: list[str] = []
 
     def add(self, request: Request) -> None:
         if request.request_id in self.requests:
@@ -120,24 +125,31 @@ class Scheduler:
 
     def _preempt(self, request: Request) -> None:
         self.kv.free(request.request_id)
+        self._runner_blocks.pop(request.request_id, None)  # its KV is gone: re-admitted in full
         request.status = RequestStatus.WAITING
         request.num_computed_tokens = 0
         request.num_preemptions += 1
         self.stats.num_preemptions += 1
         self.waiting.appendleft(request)
 
-    def update(self, scheduled: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
-        """Advance the scheduled requests past this step; `sampled` holds the new token of each sampling request.
+    def update(self, scheduled: SchedulerOutput, result: StepResult) -> list[Request]:
+        """Advance the scheduled requests past this step with what it produced (new tokens, prompt scores).
         Returns the requests that finished this step (their blocks are already free)."""
         finished = []
+        tokens = dict(zip(result.request_ids, result.token_ids))
         for seq in scheduled.seqs:
             request = seq.request
             prompt_part = max(0, min(seq.start + seq.num_new_tokens, request.num_prompt_tokens) - seq.start)
             self.stats.num_computed_prompt_tokens += prompt_part
             request.num_computed_tokens = seq.start + seq.num_new_tokens
-            token = sampled.get(request.request_id)
+            scores = result.prompt_scores.get(request.request_id)
+            if scores is not None:
+                self._record_prompt_scores(request, scores)
+            token = tokens.get(request.request_id)
             if token is not None:
                 request.token_ids.append(token)
+                if request.grammar is not None:
+                    GrammarGuide.advance(request.grammar, token)
             self.kv.index_full_blocks(request.request_id, request.token_ids, request.num_computed_tokens)
             if token is not None:
                 reason = self._stop_reason(request, token)
@@ -145,6 +157,16 @@ class Scheduler:
                     self._finish(request, reason)
                     finished.append(request)
         return finished
+
+    @staticmethod
+    def _record_prompt_scores(request: Request, scores: PromptScores) -> None:
+        """Positions scored before a preemption are not recorded again."""
+        assert request.prompt_logprobs is not None
+        have = len(request.prompt_logprobs)  # positions 0..have-1 recorded (position 0 has no score)
+        skip = have - scores.first
+        if skip < 0:
+            raise AssertionError(f"prompt scores from position {scores.first} leave a gap after {have}")
+        request.prompt_logprobs.extend(scores.logprobs[skip:])
 
     def _stop_reason(self, request: Request, token: int) -> FinishReason | None:
         stop_hit = request.stop_checker.push(token) if request.stop_checker else False
@@ -160,17 +182,28 @@ class Scheduler:
         if request.status is RequestStatus.RUNNING:
             self.running.remove(request)
         self.kv.free(request.request_id)
+        self._runner_blocks.pop(request.request_id, None)
+        self._runner_drops.append(request.request_id)
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
         del self.requests[request.request_id]
 
     def make_plan(self, scheduled: SchedulerOutput) -> StepPlan:
-        """The runner's view of the step: plain ids and block tables, no engine objects."""
-        seqs = []
+        """The runner's view of the step: requests it does not hold in full, the others as what changed (their
+        tokens this step, blocks added to their tables); plain ids, no engine objects."""
+        new, running = [], []
         for s in scheduled.seqs:
             r = s.request
-            ids = r.token_ids[s.start : s.start + s.num_new_tokens]
-            seqs.append(SeqPlan(
-                r.request_id, ids, s.start, self.kv.block_ids(r.request_id), s.samples, r.wants_prompt_logprobs
-            ))
-        return StepPlan(seqs, self.kv.block_size)
+            rid = r.request_id
+            known = self._runner_blocks.get(rid)
+            if known is None:
+                table = self.kv.block_ids(rid)
+                new.append(NewSeq(rid, list(r.token_ids), r.num_prompt_tokens, s.start, s.num_new_tokens, table,
+                                  r.params, r.wants_prompt_logprobs))
+                self._runner_blocks[rid] = len(table)
+            else:
+                added = self.kv.block_ids(rid, known)
+                running.append(RunningSeq(rid, r.token_ids[s.start : s.start + s.num_new_tokens], added))
+                self._runner_blocks[rid] = known + len(added)
+        drops, self._runner_drops = self._runner_drops, []
+        return StepPlan(new, running, drops, self.kv.block_size)

@@ -32,20 +32,13 @@ from loom.protocol.messages import (
     StepOutputs,
     StepStats,
     encode,
+    endpoint_paths,
     to_engine_decoder,
 )
 from loom.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 IDLE_POLL_MS = 100
-
-
-def endpoint_paths(endpoint: str) -> tuple[str, str]:
-    """`endpoint` is an ipc:// (or tcp://host:port) base; returns the (to-engine, from-engine) addresses."""
-    if endpoint.startswith("ipc://"):
-        return f"{endpoint}-in", f"{endpoint}-out"
-    host, port = endpoint.rsplit(":", 1)
-    return endpoint, f"{host}:{int(port) + 1}"
 
 
 @dataclass
@@ -133,7 +126,8 @@ class EngineServer:
             return
         elapsed = time.perf_counter() - start
         prefill = sched.stats.num_computed_prompt_tokens - computed_before
-        stats = StepStats(len(sched.running), len(sched.waiting), prefill, len(outputs), elapsed, elapsed)
+        stats = StepStats(len(sched.running), len(sched.waiting), prefill, len(outputs),
+                          self.engine.last_forward_seconds, elapsed)
         self._send(StepOutputs(outputs, stats))
         if self._spans:
             for out in outputs:

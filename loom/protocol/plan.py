@@ -1,35 +1,80 @@
-"""The scheduler→runner contract: one plain `StepPlan` per engine step.
+"""The engine→runner contract: one `StepPlan` per engine step, and the runner's `StepResult` back.
 
-It holds ids and block tables only (no engine objects), so rank 0 can hand the same plan to other
-tensor-parallel ranks.
+The runner keeps a persistent state per request (its block table, how many positions are computed, its token
+history and sampling state), so a plan carries a request in full only when the runner does not hold it yet or
+its KV was dropped (first admission, re-admission after preemption: `NewSeq`); a request that ran last step comes
+as a diff (`RunningSeq`: how many positions to compute, the blocks added to its table). A decode step for a
+running request is therefore a few bytes whatever its context length, and so is rank 0's broadcast of the plan to
+the other tensor-parallel ranks. Plain ids only (no engine objects): the plan is msgpack-encoded for those ranks, as arrays (no field names).
+
+    positions of one sequence: [0 ....... start | start ........ start + num_new)
+                                K/V cached        computed this step (K/V written to the cache)
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import msgspec
 
-@dataclass(slots=True)
-class SeqPlan:
-    """Compute positions [start, start + len(token_ids)) of one sequence.
+from loom.sampling_params import SamplingParams
 
-        positions: [0 ....... start | start ........ start + len(token_ids))
-                    K/V cached        computed this step (K/V written to the cache)
-    """
+
+class NewSeq(msgspec.Struct, array_like=True):
+    """A request the runner holds no KV state for: everything it needs, once."""
+
+    request_id: str
+    token_ids: list[int]  # every known token: the prompt, and after a preemption the tokens generated so far
+    num_prompt_tokens: int
+    start: int  # positions already in the cache (prefix-cache hits)
+    num_new: int  # positions computed this step
+    block_ids: list[int]  # the whole block table
+    params: SamplingParams  # used by the runner that samples (rank 0); others only hold it
+    all_logits: bool = False  # score every prompt position (prompt logprobs: TGI's decoder_input_details)
+
+
+class RunningSeq(msgspec.Struct, array_like=True):
+    """A request the runner holds: the tokens of its next positions (a decode: the token sampled last step; a later
+    prompt chunk: the chunk), and the blocks appended to its table since the last plan. Every rank computes the
+    positions; only rank 0 samples, so the tokens travel in the plan."""
 
     request_id: str
     token_ids: list[int]
-    start: int
-    block_ids: list[int]  # block table covering every position up to start + len(token_ids)
-    sample: bool  # the last position's logits are returned for sampling
-    all_logits: bool = False  # return logits of every position computed (prompt logprobs, parity tests)
+    new_block_ids: list[int] = []
+
+    @property
+    def num_new(self) -> int:
+        return len(self.token_ids)
 
 
-@dataclass(slots=True)
-class StepPlan:
-    seqs: list[SeqPlan]
+class StepPlan(msgspec.Struct, array_like=True):
+    new: list[NewSeq]
+    running: list[RunningSeq]
+    finished: list[str]  # requests whose state the runner drops (finished, aborted) before this step
     block_size: int
 
     @property
     def num_tokens(self) -> int:
-        return sum(len(s.token_ids) for s in self.seqs)
+        return sum(s.num_new for s in self.new) + sum(s.num_new for s in self.running)
+
+
+@dataclass(slots=True)
+class PromptScores:
+    """Log-probabilities of prompt tokens scored this step: `logprobs[i]` is the prompt token at position
+    `first + i` given the positions before it."""
+
+    first: int
+    logprobs: list[float]
+
+
+@dataclass(slots=True)
+class StepResult:
+    """What one step produced, for the requests that sampled (those whose step reached their last known position):
+    parallel lists in the order of `request_ids`."""
+
+    request_ids: list[str]
+    token_ids: list[int]
+    logprobs: list[float]
+    top_tokens: list[list[tuple[int, float]]]
+    prompt_scores: dict[str, PromptScores]  # requests with prompt logprobs asked whose prompt ran this step
+    forward_seconds: float  # the model's forward pass (and the logits), not scheduling or sampling

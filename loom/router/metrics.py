@@ -61,7 +61,10 @@ class Metrics:
         self.batch_inference_success = Counter(
             "tgi_batch_inference_success", "Engine steps that succeeded", ["method"], registry=r)
         self.batch_forward_duration = Histogram(
-            "tgi_batch_forward_duration", "Engine step time", ["method"], buckets=d, registry=r)
+            "tgi_batch_forward_duration", "Model forward pass of an engine step", ["method"], buckets=d, registry=r)
+        self.batch_inference_duration = Histogram(
+            "tgi_batch_inference_duration", "Whole engine step: scheduling, forward, sampling", ["method"],
+            buckets=d, registry=r)
         self.batch_current_size = Gauge("tgi_batch_current_size", "Running requests", registry=r)
         self.batch_max_total_tokens = Gauge(
             "tgi_batch_max_total_tokens", "KV cache capacity in tokens", registry=r)
@@ -75,5 +78,6 @@ class Metrics:
         self.batch_inference_count.labels(method).inc()
         self.batch_inference_success.labels(method).inc()
         self.batch_forward_duration.labels(method).observe(s.forward_seconds)
+        self.batch_inference_duration.labels(method).observe(s.step_seconds)
         self.batch_current_size.set(s.num_running)
         self.queue_size.set(s.num_waiting)

@@ -9,7 +9,8 @@ import torch
 
 from loom.config import ModelConfig
 from loom.engine.kv.kv_manager import KVCacheManager
-from loom.protocol.plan import SeqPlan, StepPlan
+from loom.protocol.plan import NewSeq, RunningSeq, StepPlan
+from loom.sampling_params import SamplingParams
 from loom.worker.runner import ModelRunner
 
 BLOCK = 16
@@ -28,11 +29,17 @@ def paged_logits(runner: ModelRunner, kv: KVCacheManager, ids: list[int], chunk:
         out = []
         for start in range(0, len(ids), chunk):
             piece = ids[start : start + chunk]
-            seq = SeqPlan("parity", piece, start, kv.block_ids("parity"), sample=False, all_logits=True)
-            out.append(runner.execute(StepPlan([seq], kv.block_size)))
+            if start == 0:
+                first = NewSeq("parity", list(ids), len(ids), 0, len(piece), kv.block_ids("parity"), SamplingParams(),
+                               all_logits=True)
+                plan = StepPlan([first], [], [], kv.block_size)
+            else:
+                plan = StepPlan([], [RunningSeq("parity", piece)], [], kv.block_size)
+            out.append(runner.forward_logits(plan))
         return torch.cat(out)
     finally:
         kv.free("parity")
+        runner.forward_logits(StepPlan([], [], ["parity"], kv.block_size))  # the runner drops its state
 
 
 def random_prompts(lengths: list[int], vocab: int, seed: int = 0) -> list[list[int]]:

@@ -1,10 +1,14 @@
-"""Executes a StepPlan: builds the flattened batch and attention metadata, runs the model, returns logits.
+"""Executes a StepPlan: keeps each request's state, builds the flattened batch and attention metadata, runs the
+model, samples, and returns one `StepResult`.
 
-Owns the model weights and the KV cache tensors of this rank. Knows nothing about requests' sampling or stopping.
+Owns the model weights, the KV cache tensors of this rank, and the per-request state a step needs (block table,
+positions computed, token history, seeded generator): the engine sends a request in full once (`NewSeq`) and as a
+diff afterwards (`RunningSeq`). Knows nothing about stopping or finishing: the engine's scheduler decides those
+and says which requests to drop.
 
 With tensor parallelism the runner is where the ranks meet: rank 0's runner sends each model load and each plan to
-the other ranks (`worker/tp_worker.py` runs their loop) before running its own shard, so the engine above it is
-the same whatever the number of ranks.
+the other ranks (`worker/tp_worker.py` runs their loop: `follow`) before running its own shard, so the engine above
+it is the same whatever the number of ranks. Only rank 0 samples.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import math
 import mmap
 import threading
 import time
+from concurrent.futures import Future
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -26,7 +32,9 @@ from loom.layers.kernels.build import prebuild
 from loom.layers.linear import PackableLinear, pack_linear_weights
 from loom.models.loader import load_model
 from loom.protocol import shard
-from loom.protocol.plan import SeqPlan, StepPlan
+from loom.protocol.plan import PromptScores, StepPlan, StepResult
+from loom.sampling_params import SamplingParams
+from loom.worker.sampler import Sampler, SamplingRow
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +48,40 @@ def zeroed(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
         return torch.zeros(shape, dtype=dtype, device=device)
     nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
     return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype).view(shape)
+
+
+@dataclass(slots=True)
+class _SeqState:
+    """What the runner holds of one request between steps."""
+
+    token_ids: list[int]  # known tokens; on rank 0 the tokens it samples are appended
+    num_prompt_tokens: int
+    num_computed: int  # positions whose K/V are in this rank's cache
+    block_ids: list[int]
+    params: SamplingParams
+    generator: torch.Generator | None  # seeded once: the same draws whatever the batch, across preemptions
+    all_logits: bool  # score the prompt's positions (prompt logprobs)
+
+
+@dataclass(slots=True)
+class _StepSeq:
+    """One sequence of this step, in batch order."""
+
+    request_id: str
+    state: _SeqState
+    start: int
+    token_ids: list[int]
+    sample: bool  # the step reaches the last known position: its logits pick the next token
+    all_logits: bool  # every position's logits are kept (prompt scores)
+
+
+@dataclass(slots=True)
+class GuidedMasks:
+    """Grammar masks of this step's constrained requests (rows in `request_ids` order), computed by the engine
+    while the model runs."""
+
+    request_ids: list[str]
+    masks: Future
 
 
 class ModelRunner:
@@ -71,6 +113,8 @@ class ModelRunner:
         shape = (2, num_blocks * block_size, kv_heads, model_config.head_dim)
         self.kv_caches = [zeroed(shape, model_config.dtype, self.device) for _ in range(model_config.num_layers)]
         self._block_offsets = torch.arange(block_size, device=self.device)
+        self.seqs: dict[str, _SeqState] = {}  # the requests this runner holds; written by `_apply` only
+        self.sampler = Sampler()
 
     @torch.inference_mode()
     def linear_tokens_per_second(self, rows: int = 256) -> float | None:
@@ -111,25 +155,78 @@ class ModelRunner:
         return [int(p) for p in parts]
 
     @torch.inference_mode()
-    def execute(self, plan: StepPlan) -> torch.Tensor:
-        """Run one step (on rank 0: for every rank). Returns float32 logits in plan order: every position of
-        `all_logits` seqs, the last position of other sampling seqs, nothing for the rest."""
-        if self.tp.size == 1:
-            return self.forward(plan)  # type: ignore[return-value]
-        self._send(plan)
-        try:
-            logits = self.forward(plan)
-        except Exception as err:
-            # The other ranks may be waiting in a collective this rank never reached: the group is out of step.
-            raise RankFailure(f"tensor-parallel step failed on rank 0: {err}") from err
-        assert logits is not None
-        return logits
+    def execute(self, plan: StepPlan, guided: GuidedMasks | None = None) -> StepResult:
+        """Run one step (on rank 0: for every rank), sample, and report. Raises on a step that cannot run; the
+        engine then fails the step's requests."""
+        seqs, logits, forward_seconds = self._run(plan)
+        return self._sample(seqs, logits, guided, forward_seconds)
 
     @torch.inference_mode()
-    def forward(self, plan: StepPlan) -> torch.Tensor | None:
-        """This rank's part of one step; the logits (see `execute`) on rank 0, None on the others."""
-        decodes = [s for s in plan.seqs if len(s.token_ids) == 1 and s.start > 0]
-        prefills = [s for s in plan.seqs if not (len(s.token_ids) == 1 and s.start > 0)]
+    def forward_logits(self, plan: StepPlan) -> torch.Tensor:
+        """One step without sampling (on rank 0: for every rank): the float32 logits rows, every scored position
+        of requests with `all_logits` and the last position of other requests that reach their end. For parity
+        checks."""
+        return self._run(plan)[1]
+
+    def _run(self, plan: StepPlan) -> tuple[list[_StepSeq], torch.Tensor, float]:
+        if self.tp.size > 1:
+            self._send(plan)
+        try:
+            seqs = self._apply(plan)
+            started = time.perf_counter()
+            logits = self._forward(seqs)
+            forward_seconds = time.perf_counter() - started
+        except Exception as err:
+            if self.tp.size > 1:
+                # The other ranks may be waiting in a collective this rank never reached: the group is out of step.
+                raise RankFailure(f"tensor-parallel step failed on rank 0: {err}") from err
+            raise
+        assert logits is not None
+        return seqs, logits, forward_seconds
+
+    @torch.inference_mode()
+    def follow(self, plan: StepPlan) -> None:
+        """A rank other than 0: this rank's part of the step (its logits go to rank 0)."""
+        self._forward(self._apply(plan))
+
+    def _apply(self, plan: StepPlan) -> list[_StepSeq]:
+        """Update the held states from the plan; the step's sequences in plan order. Positions count as computed
+        from here: a step that then fails fails its requests, which the engine drops."""
+        for request_id in plan.finished:
+            self.seqs.pop(request_id, None)
+        seqs = []
+        for new in plan.new:
+            held = self.seqs.get(new.request_id)
+            generator = held.generator if held is not None else None  # a preempted request keeps its draws
+            if generator is None and new.params.is_sampling and self.tp.is_driver:
+                generator = torch.Generator().manual_seed(new.params.seed)  # type: ignore[arg-type]
+            state = _SeqState(list(new.token_ids), new.num_prompt_tokens, new.start, list(new.block_ids), new.params,
+                              generator, new.all_logits)
+            self.seqs[new.request_id] = state
+            seqs.append(self._step_seq(new.request_id, state, new.token_ids[new.start : new.start + new.num_new]))
+        for diff in plan.running:
+            state = self.seqs[diff.request_id]
+            state.block_ids.extend(diff.new_block_ids)
+            if state.num_computed + diff.num_new > len(state.token_ids):  # a rank that does not sample
+                state.token_ids.extend(diff.token_ids[len(state.token_ids) - state.num_computed :])
+            seqs.append(self._step_seq(diff.request_id, state, diff.token_ids))
+        return seqs
+
+    @staticmethod
+    def _step_seq(request_id: str, state: _SeqState, token_ids: list[int]) -> _StepSeq:
+        start = state.num_computed
+        end = start + len(token_ids)
+        state.num_computed = end
+        all_logits = state.all_logits and start < state.num_prompt_tokens - 1
+        return _StepSeq(request_id, state, start, token_ids, end == len(state.token_ids), all_logits)
+
+    def _forward(self, seqs: list[_StepSeq]) -> torch.Tensor | None:
+        """This rank's forward pass; float32 logits on rank 0 (None on the others) in `seqs` order: every position
+        of `all_logits` seqs, the last position of other sampling seqs, nothing for the rest."""
+        if not seqs:  # a plan that only drops requests
+            return torch.empty(0, self.model_config.vocab_size)
+        decodes = [s for s in seqs if len(s.token_ids) == 1 and s.start > 0]
+        prefills = [s for s in seqs if not (len(s.token_ids) == 1 and s.start > 0)]
         ordered = decodes + prefills
         ids = torch.tensor([t for s in ordered for t in s.token_ids], dtype=torch.long, device=self.device)
         positions = torch.cat([torch.arange(s.start, s.start + len(s.token_ids)) for s in ordered]).to(self.device)
@@ -141,7 +238,7 @@ class ModelRunner:
             first_row[s.request_id] = row
             row += len(s.token_ids)
         rows: list[int] = []
-        for s in plan.seqs:
+        for s in seqs:
             start, n = first_row[s.request_id], len(s.token_ids)
             if s.all_logits:
                 rows.extend(range(start, start + n))
@@ -152,16 +249,57 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[rows])  # gathered to rank 0
         return None if logits is None else logits.float()
 
+    def _sample(self, seqs: list[_StepSeq], logits: torch.Tensor, guided: GuidedMasks | None,
+                forward_seconds: float) -> StepResult:
+        """Prompt scores and next tokens from the logits `_forward` returned."""
+        scores: dict[str, PromptScores] = {}
+        last_rows, sampling, row = [], [], 0
+        for s in seqs:
+            if s.all_logits:
+                scores[s.request_id] = self._prompt_scores(s, logits[row : row + len(s.token_ids)])
+                row += len(s.token_ids)
+                if s.sample:
+                    last_rows.append(row - 1)
+                    sampling.append(s)
+            elif s.sample:
+                last_rows.append(row)
+                sampling.append(s)
+                row += 1
+        result = StepResult([s.request_id for s in sampling], [], [], [], scores, forward_seconds)
+        if not sampling:
+            return result
+        rows = [SamplingRow(s.state.params, s.state.generator, s.state.token_ids) for s in sampling]
+        allowed = None
+        if guided is not None and guided.request_ids:
+            index = {s.request_id: i for i, s in enumerate(sampling)}
+            allowed = ([index[rid] for rid in guided.request_ids], guided.masks.result())
+        sample_logits = logits if len(last_rows) == logits.shape[0] else logits[last_rows]
+        out = self.sampler(sample_logits, rows, allowed)
+        for s, token in zip(sampling, out.token_ids):
+            s.state.token_ids.append(token)
+        result.token_ids, result.logprobs, result.top_tokens = out.token_ids, out.logprobs, out.top_tokens
+        return result
+
+    @staticmethod
+    def _prompt_scores(s: _StepSeq, logits: torch.Tensor) -> PromptScores:
+        """Row i (position start + i) scores the prompt token at position start + i + 1."""
+        end = min(s.start + logits.shape[0], s.state.num_prompt_tokens - 1)
+        if end <= s.start:
+            return PromptScores(s.start + 1, [])
+        targets = torch.tensor(s.state.token_ids[s.start + 1 : end + 1]).unsqueeze(1)
+        picked = torch.log_softmax(logits[: end - s.start], dim=-1).gather(1, targets).squeeze(1)
+        return PromptScores(s.start + 1, picked.tolist())
+
     def _slots(self, block_ids: list[int], num_positions: int) -> torch.Tensor:
         blocks = torch.tensor(block_ids, dtype=torch.long, device=self.device)
         return (blocks.unsqueeze(1) * self.block_size + self._block_offsets).flatten()[:num_positions]
 
-    def _attention_metadata(self, decodes: list[SeqPlan], prefills: list[SeqPlan]) -> AttentionMetadata:
+    def _attention_metadata(self, decodes: list[_StepSeq], prefills: list[_StepSeq]) -> AttentionMetadata:
         slot_parts: list[torch.Tensor] = []
         tables = lens = None
         if decodes:
-            max_blocks = max(len(s.block_ids) for s in decodes)
-            tables = torch.tensor([s.block_ids + [0] * (max_blocks - len(s.block_ids)) for s in decodes],
+            max_blocks = max(len(s.state.block_ids) for s in decodes)
+            tables = torch.tensor([s.state.block_ids + [0] * (max_blocks - len(s.state.block_ids)) for s in decodes],
                                   dtype=torch.int32)
             lens = torch.tensor([s.start + 1 for s in decodes], dtype=torch.int32)
             last = lens.long() - 1  # position of each decode's new token
@@ -171,7 +309,7 @@ class ModelRunner:
         spans, row = [], len(decodes)
         for s in prefills:
             ctx_len = s.start + len(s.token_ids)
-            slots = self._slots(s.block_ids, ctx_len)
+            slots = self._slots(s.state.block_ids, ctx_len)
             spans.append(PrefillSpan(row, len(s.token_ids), ctx_len, slots))
             slot_parts.append(slots[s.start :].cpu())
             row += len(s.token_ids)

@@ -2,7 +2,7 @@
 
     rank 0 (EngineCore → ModelRunner)             rank r (run_worker)
       ModelRunner(...)      ── LoadModel ──▶      ModelRunner(...) on the same model and KV geometry
-      ModelRunner.execute   ── StepPlan  ──▶      runner.forward(plan): the same collectives; logits go to rank 0
+      ModelRunner.execute   ── StepPlan  ──▶      runner.follow(plan): the same collectives; logits go to rank 0
       stop_workers()        ── Shutdown  ──▶      leave the loop
 
 Ranks come from three places: the launcher (`loom shard` processes on the same host), another host (`loom shard`
@@ -52,7 +52,7 @@ def run_worker(device: str = "cpu", model_dir: str | None = None) -> None:
         elif isinstance(msg, StepPlan):
             if runner is None:
                 raise RankFailure(f"rank {tp.rank}: a step arrived before any model was loaded")
-            runner.forward(msg)
+            runner.follow(msg)
         else:
             logger.info("rank %d: shutting down", tp.rank)
             return

@@ -1,7 +1,7 @@
 """Scheduler over a real KVCacheManager, driven step by step by a fake runner (no model).
 
-Each step: `schedule()`, then `update(out, sampled)` where `sampled` holds a made-up token for every scheduled seq
-that samples. Block size 4; exact expectations on chunks, block ids, stats and finish reasons; every scenario ends
+Each step: `schedule()`, then `update(out, sampled(tokens))` where `tokens` holds a made-up token for every scheduled
+seq that samples; plans are checked through `RunnerMirror`, which rebuilds what the runner holds from them. Block size 4; exact expectations on chunks, block ids, stats and finish reasons; every scenario ends
 with `kv.check_integrity()` and, when idle, every block back in the free queue.
 """
 
@@ -19,10 +19,39 @@ from loom.engine.kv.kv_manager import KVCacheManager
 from loom.engine.request import FinishReason, Request, RequestStatus
 from loom.engine.scheduler import Scheduler, SchedulerOutput
 from loom.engine.stop import StopChecker
+from loom.protocol.plan import StepPlan, StepResult
 from loom.sampling_params import SamplingParams
 
 BS = 4
 EOS = 99
+
+
+def sampled(tokens: dict[str, int]) -> StepResult:
+    """A step's result as the runner reports it: one new token per sampling request."""
+    return StepResult(list(tokens), list(tokens.values()), [0.0] * len(tokens), [[] for _ in tokens], {}, 0.0)
+
+
+class RunnerMirror:
+    """What the runner rebuilds from the plans (worker/runner.py: `_apply`): each request's block table and
+    positions computed. `apply` returns the step's (request id, start, token ids, whole block table)."""
+
+    def __init__(self) -> None:
+        self.held: dict[str, tuple[list[int], list[int]]] = {}  # id → (block table, [positions computed])
+
+    def apply(self, plan: StepPlan) -> list[tuple[str, int, list[int], list[int]]]:
+        for rid in plan.finished:
+            self.held.pop(rid, None)
+        seqs = []
+        for new in plan.new:
+            self.held[new.request_id] = (list(new.block_ids), [new.start + new.num_new])
+            seqs.append((new.request_id, new.start, new.token_ids[new.start : new.start + new.num_new],
+                         list(new.block_ids)))
+        for diff in plan.running:
+            table, computed = self.held[diff.request_id]
+            table.extend(diff.new_block_ids)
+            seqs.append((diff.request_id, computed[0], diff.token_ids, list(table)))
+            computed[0] += diff.num_new
+        return seqs
 
 
 def make_scheduler(
@@ -61,8 +90,8 @@ def step(sched: Scheduler, token_for: Callable[[Request], int] = counting_token)
     out = sched.schedule()
     summary = [(s.request.request_id, s.start, s.num_new_tokens, s.samples) for s in out.seqs]
     tables = {s.request.request_id: sched.kv.block_ids(s.request.request_id) for s in out.seqs}
-    sampled = {s.request.request_id: token_for(s.request) for s in out.seqs if s.samples}
-    finished = sched.update(out, sampled)
+    tokens = {s.request.request_id: token_for(s.request) for s in out.seqs if s.samples}
+    finished = sched.update(out, sampled(tokens))
     return Step(out, finished, summary, tables)
 
 
@@ -104,12 +133,12 @@ def test_chunk_table_grows_with_each_chunk():
     a = make_request("a", list(range(25)), max_new_tokens=1)
     sched.add(a)
     out = sched.schedule()
-    sched.update(out, {})
+    sched.update(out, sampled({}))
     assert sched.kv.block_ids("a") == [0, 1, 2]  # positions 0..9
     assert a.num_computed_tokens == 10 and a.status is RequestStatus.RUNNING
     assert sched.kv.pool.num_cached == 2
     assert out.num_tokens == 10
-    sched.update(sched.schedule(), {})
+    sched.update(sched.schedule(), sampled({}))
     assert sched.kv.block_ids("a") == [0, 1, 2, 3, 4]  # positions 0..19
     assert sched.kv.pool.num_cached == 5
     sched.kv.check_integrity()
@@ -200,8 +229,9 @@ def test_prefix_hit_at_admission_skips_whole_blocks():
     assert sched.stats.num_prefix_hit_tokens == 8
     assert sched.kv.block_ids("b") == [0, 1, 3]  # never-used blocks are handed out before a's freed tail (2)
     plan = sched.make_plan(out)
-    assert [(p.token_ids, p.start, p.block_ids, p.sample) for p in plan.seqs] == [([70, 71, 72], 8, [0, 1, 3], True)]
-    sched.update(out, {"b": 1})
+    assert plan.running == [] and [(p.start, p.num_new, p.block_ids) for p in plan.new] == [(8, 3, [0, 1, 3])]
+    assert plan.new[0].token_ids == b.token_ids and plan.finished == ["a"]  # a finished last step: dropped now
+    sched.update(out, sampled({"b": 1}))
     assert sched.stats.num_computed_prompt_tokens == 13
     assert_idle(sched)
 
@@ -455,37 +485,65 @@ def test_no_stop_checker_when_no_stop_sequences(tokenizer):
 # ---------------------------------------------------------------- plan
 
 
-def test_make_plan_matches_the_schedule():
+def test_make_plan_sends_new_requests_in_full_then_diffs():
     sched = make_scheduler(budget=10)
     a = make_request("a", list(range(10, 16)), max_new_tokens=2)  # 6 tokens
     b = make_request("b", list(range(20, 33)), max_new_tokens=2)  # 13 tokens
     sched.add(a)
     sched.add(b)
+    mirror = RunnerMirror()
 
     out = sched.schedule()
     plan = sched.make_plan(out)
-    assert plan.block_size == BS and plan.num_tokens == 10 == out.num_tokens
-    assert [(p.request_id, p.token_ids, p.start, p.block_ids, p.sample) for p in plan.seqs] == [
-        ("a", list(range(10, 16)), 0, [0, 1], True),
-        ("b", [20, 21, 22, 23], 0, [2], False),
+    assert plan.block_size == BS and plan.num_tokens == 10 == out.num_tokens and plan.running == []
+    assert [(p.request_id, p.token_ids, p.num_prompt_tokens, p.start, p.num_new, p.block_ids, p.all_logits)
+            for p in plan.new] == [
+        ("a", list(range(10, 16)), 6, 0, 6, [0, 1], False),
+        ("b", list(range(20, 33)), 13, 0, 4, [2], False),
     ]
-    sched.update(out, {"a": 500})
+    assert mirror.apply(plan) == [("a", 0, list(range(10, 16)), [0, 1]), ("b", 0, [20, 21, 22, 23], [2])]
+    sched.update(out, sampled({"a": 500}))
 
     out = sched.schedule()
-    plan = sched.make_plan(out)
-    assert [(p.request_id, p.token_ids, p.start, p.block_ids, p.sample) for p in plan.seqs] == [
-        ("a", [500], 6, [0, 1], True),
-        ("b", list(range(24, 33)), 4, [2, 3, 4, 5], True),
+    plan = sched.make_plan(out)  # both held by the runner now: only what changed
+    assert plan.new == [] and plan.finished == []
+    assert [(p.request_id, p.token_ids, p.new_block_ids) for p in plan.running] == [
+        ("a", [500], []),
+        ("b", list(range(24, 33)), [3, 4, 5]),
     ]
-    for p, s in zip(plan.seqs, out.seqs):
-        assert p.token_ids == s.request.token_ids[s.start : s.start + s.num_new_tokens]
-        assert len(p.block_ids) == sched.kv.blocks_needed(p.start + len(p.token_ids))
-        assert p.all_logits is False
-    sched.update(out, {"a": 501, "b": 600})
+    assert mirror.apply(plan) == [("a", 6, [500], [0, 1]), ("b", 4, list(range(24, 33)), [2, 3, 4, 5])]
+    sched.update(out, sampled({"a": 501, "b": 600}))
     assert a.is_finished
-    while sched.has_unfinished():
-        step(sched)
+    out = sched.schedule()
+    plan = sched.make_plan(out)
+    assert plan.finished == ["a"] and [p.request_id for p in plan.running] == ["b"]
+    sched.update(out, sampled({"b": 601}))
     assert_idle(sched)
+
+
+def test_a_preempted_request_comes_back_in_full():
+    sched = make_scheduler(num_blocks=4, budget=100)
+    a = make_request("a", list(range(6)), max_new_tokens=8)  # 2 blocks, grows into a third
+    b = make_request("b", list(range(10, 16)), max_new_tokens=8)
+    sched.add(a)
+    sched.add(b)
+    mirror = RunnerMirror()
+    preempted = None
+    for _ in range(20):
+        out = sched.schedule()
+        plan = sched.make_plan(out)
+        for rid, start, ids, table in mirror.apply(plan):
+            assert table == sched.kv.block_ids(rid)  # the diffs rebuild the scheduler's tables exactly
+            assert ids == sched.requests[rid].token_ids[start : start + len(ids)]
+        if out.preempted:
+            preempted = out.preempted[0].request_id
+        elif preempted is not None and any(p.request_id == preempted for p in plan.new):
+            new = next(p for p in plan.new if p.request_id == preempted)
+            assert new.start == 0 and new.token_ids == sched.requests[preempted].token_ids  # outputs included
+            break
+        sched.update(out, sampled({s.request.request_id: 1 for s in out.seqs if s.samples}))
+    else:
+        raise AssertionError("no preemption and re-admission happened")
 
 
 # ---------------------------------------------------------------- randomized, checked against a fake KV store
@@ -501,6 +559,7 @@ def run_random_workload(seed: int) -> Scheduler:
     shared = [rng.randint(0, 3) for _ in range(12)]
     slots: dict[int, tuple[int, ...]] = {}
     requests: list[Request] = []
+    mirror = RunnerMirror()
     for _ in range(2000):
         if len(requests) < 10 and rng.random() < 0.3:
             n = rng.randint(1, 10)
@@ -511,14 +570,15 @@ def run_random_workload(seed: int) -> Scheduler:
             sched.abort(rng.choice(sorted(sched.requests)))
         out = sched.schedule()
         assert out.num_tokens <= sched.config.max_batch_prefill_tokens
-        for p in sched.make_plan(out).seqs:
-            seq = sched.requests[p.request_id].token_ids
-            assert len(p.block_ids) == sched.kv.blocks_needed(p.start + len(p.token_ids))
-            slot = [p.block_ids[i // BS] * BS + i % BS for i in range(p.start + len(p.token_ids))]
-            assert [slots.get(slot[i]) for i in range(p.start)] == [tuple(seq[: i + 1]) for i in range(p.start)]
-            for i in range(p.start, p.start + len(p.token_ids)):
+        for rid, start, ids, table in mirror.apply(sched.make_plan(out)):
+            seq = sched.requests[rid].token_ids
+            assert table == sched.kv.block_ids(rid) and ids == seq[start : start + len(ids)]
+            assert len(table) == sched.kv.blocks_needed(start + len(ids))
+            slot = [table[i // BS] * BS + i % BS for i in range(start + len(ids))]
+            assert [slots.get(slot[i]) for i in range(start)] == [tuple(seq[: i + 1]) for i in range(start)]
+            for i in range(start, start + len(ids)):
                 slots[slot[i]] = tuple(seq[: i + 1])
-        sched.update(out, {s.request.request_id: rng.choice([0, 1, 2, 3] * 9 + [EOS]) for s in out.seqs if s.samples})
+        sched.update(out, sampled({s.request.request_id: rng.choice([0, 1, 2, 3] * 9 + [EOS]) for s in out.seqs if s.samples}))
         sched.kv.check_integrity()
         assert sched.kv.num_tables() == len(sched.running) <= sched.config.max_batch_size
         if len(requests) == 10 and not sched.has_unfinished():

@@ -36,8 +36,10 @@ class KVCacheManager:
     def num_free_blocks(self) -> int:
         return self.pool.num_free
 
-    def block_ids(self, request_id: str) -> list[int]:
-        return [b.block_id for b in self._tables.get(request_id, ())]
+    def block_ids(self, request_id: str, start: int = 0) -> list[int]:
+        """The request's block table from entry `start` on (tables only grow while a request holds its blocks)."""
+        table = self._tables.get(request_id, ())
+        return [table[i].block_id for i in range(start, len(table))]
 
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
