@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from loom.engine.stop import StopChecker
+from loom.protocol.outputs import FinishReason
 from loom.sampling_params import SamplingParams
 
 
@@ -15,13 +16,6 @@ class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
     FINISHED = "finished"
-
-
-class FinishReason(str, enum.Enum):
-    LENGTH = "length"
-    EOS_TOKEN = "eos_token"
-    STOP_SEQUENCE = "stop_sequence"
-    ABORTED = "aborted"
 
 
 @dataclass(slots=True, eq=False)

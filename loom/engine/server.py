@@ -35,6 +35,7 @@ from loom.protocol.messages import (
     endpoint_paths,
     to_engine_decoder,
 )
+from loom.protocol.outputs import FailureKind
 from loom.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -98,7 +99,7 @@ class EngineServer:
             try:
                 self.engine.add_request(msg.request_id, msg.prompt_token_ids, msg.params, msg.prompt_logprobs)
             except ValueError as err:
-                self._send(RequestFailed(msg.request_id, "validation", str(err)))
+                self._send(RequestFailed(msg.request_id, FailureKind.VALIDATION, str(err)))
                 return
             if tracing.enabled():
                 self._spans[msg.request_id] = tracing.start_span(
@@ -133,14 +134,15 @@ class EngineServer:
             for out in outputs:
                 if out.finished and out.request_id in self._spans:
                     tracing.end_span(self._spans.pop(out.request_id), attributes={
-                        "finish_reason": out.finish_reason, "cached_tokens": out.num_cached_tokens})
+                        "finish_reason": out.finish_reason.value if out.finish_reason else "",
+                        "cached_tokens": out.num_cached_tokens})
 
     def _fail_running(self, message: str) -> None:
         self.healthy = False
         sched = self.engine.scheduler
         for request in list(sched.running) + list(sched.waiting):
             self.engine.abort_request(request.request_id)
-            self._send(RequestFailed(request.request_id, "generation", message))
+            self._send(RequestFailed(request.request_id, FailureKind.GENERATION, message))
             tracing.end_span(self._spans.pop(request.request_id, None), error=message)
 
     def _health(self, nonce: int) -> HealthReport:

@@ -11,7 +11,7 @@ from typing import Union
 
 import msgspec
 
-from loom.protocol.outputs import RequestOutput
+from loom.protocol.outputs import FailureKind, RequestOutput
 from loom.sampling_params import SamplingParams
 
 
@@ -70,7 +70,7 @@ class StepOutputs(msgspec.Struct, tag=True, frozen=True):
 
 class RequestFailed(msgspec.Struct, tag=True, frozen=True):
     request_id: str
-    error_type: str  # "validation" (refused on arrival) or "generation" (failed while running)
+    error_type: FailureKind
     message: str
 
 

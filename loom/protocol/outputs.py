@@ -1,8 +1,27 @@
-"""What the engine reports after each step: the new tokens of each request, in one batch per step."""
+"""What the engine reports after each step: the new tokens of each request, in one batch per step; and the
+enums that cross the router ↔ engine boundary (msgpack carries their values)."""
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
+
+
+class FinishReason(str, enum.Enum):
+    """Why a request stopped: TGI's three reasons, and ABORTED (cancelled; never reported to a client)."""
+
+    LENGTH = "length"
+    EOS_TOKEN = "eos_token"
+    STOP_SEQUENCE = "stop_sequence"
+    ABORTED = "aborted"
+
+
+class FailureKind(str, enum.Enum):
+    """How a request failed in the engine: refused on arrival (the router answers 422) or failed while running
+    (424); TGI's `error_type` values."""
+
+    VALIDATION = "validation"
+    GENERATION = "generation"
 
 
 @dataclass(slots=True)
@@ -14,7 +33,7 @@ class RequestOutput:
     new_logprobs: list[float] = field(default_factory=list)
     new_top_tokens: list[list[tuple[int, float]]] = field(default_factory=list)
     finished: bool = False
-    finish_reason: str | None = None  # "length" | "eos_token" | "stop_sequence" | "aborted"
+    finish_reason: FinishReason | None = None
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache
     seed: int | None = None

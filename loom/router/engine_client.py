@@ -13,7 +13,7 @@ import zmq
 import zmq.asyncio
 import zmq.utils.monitor
 
-from loom.protocol.outputs import RequestOutput
+from loom.protocol.outputs import FailureKind, RequestOutput
 from loom.protocol.messages import (
     AbortRequests,
     AddRequest,
@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 
 class EngineError(Exception):
-    def __init__(self, error_type: str, message: str):
+    def __init__(self, error_type: FailureKind, message: str):
         super().__init__(message)
         self.error_type = error_type
         self.message = message
@@ -102,7 +102,7 @@ class EngineClient:
     ) -> RequestStream:
         stream = RequestStream(request_id)
         if self.engine_lost is not None:
-            stream.queue.put_nowait(RequestFailed(request_id, "generation", self.engine_lost))
+            stream.queue.put_nowait(RequestFailed(request_id, FailureKind.GENERATION, self.engine_lost))
             return stream
         self._streams[request_id] = stream
         self._push.send(encode(AddRequest(request_id, prompt_token_ids, params, prompt_logprobs, trace_carrier)))
@@ -164,7 +164,7 @@ class EngineClient:
         self.engine_lost = "the engine process exited"
         logger.error("lost the engine; failing %d in-flight request(s)", len(self._streams))
         for request_id, stream in self._streams.items():
-            stream.queue.put_nowait(RequestFailed(request_id, "generation", self.engine_lost))
+            stream.queue.put_nowait(RequestFailed(request_id, FailureKind.GENERATION, self.engine_lost))
         self._streams.clear()
         for fut in self._health.values():
             if not fut.done():

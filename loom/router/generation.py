@@ -15,6 +15,7 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
+from loom.protocol.outputs import FailureKind
 from loom.router.engine_client import EngineClient, EngineError
 from loom.router.errors import GenerationError, IncompleteGenerationError, ValidationError
 from loom.router.validation import ValidatedRequest
@@ -156,7 +157,7 @@ class Generator:
                 if out.finished:
                     return
         except EngineError as err:
-            if err.error_type == "validation":
+            if err.error_type is FailureKind.VALIDATION:
                 raise ValidationError(err.message) from err
             raise GenerationError(err.message) from err
         finally:
@@ -176,7 +177,7 @@ class Generator:
         if req.return_full_text:
             text = req.inputs + text
         return GenerationResult(
-            text, out.finish_reason, tokens, tops if req.top_n_tokens else [], prefill,
+            text, out.finish_reason.value if out.finish_reason is not None else None, tokens, tops if req.top_n_tokens else [], prefill,
             out.seed if req.params.is_sampling else None, req.input_length, timings,
         )
 
