@@ -1,34 +1,23 @@
-"""The router's FastAPI application: shared state, cross-cutting HTTP behaviour, and the route modules."""
+"""The router's FastAPI application: cross-cutting HTTP behaviour (API key, CORS, body limits, draining) and the
+route modules, over the shared `RouterState` (router/state.py)."""
 
 from __future__ import annotations
 
-import asyncio
-import json
 import logging
-from collections.abc import Iterator
-from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass
-from typing import TypeVar
+from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import PlainTextResponse, Response
-from pydantic import BaseModel
-from pydantic import ValidationError as PydanticValidationError
-from transformers import PreTrainedTokenizerBase
 
 from loom import __version__, tracing
-from loom.router.chat import ChatTemplate
+from loom.router import chat_routes, openai_routes, tgi_routes
 from loom.router.config import RouterConfig
 from loom.router.engine_client import EngineClient
-from loom.router.errors import InferError, OverloadedError, UnavailableError, infer_error_handler
-from loom.router.generation import Generator
-from loom.router.metrics import Metrics
-from loom.router.validation import Limits
-from loom.tokenizer import load_tokenizer
+from loom.router.errors import InferError, UnavailableError, infer_error_handler
+from loom.router.state import BodyError, build_state
 
 logger = logging.getLogger(__name__)
-M = TypeVar("M", bound=BaseModel)
 
 # Routes that need the API key when one is set (TGI's "base routes"); health, info, metrics and docs stay open.
 PROTECTED_PATHS = frozenset(
@@ -36,93 +25,8 @@ PROTECTED_PATHS = frozenset(
 )
 
 
-class BodyError(Exception):
-    """A request body TGI's JSON extractor would reject: plain-text body, status 400/413/415/422."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
-@dataclass
-class RouterState:
-    config: RouterConfig
-    engine: EngineClient
-    tokenizer: PreTrainedTokenizerBase
-    limits: Limits
-    generator: Generator
-    metrics: Metrics
-    permits: asyncio.Semaphore
-    chat_template: ChatTemplate
-    draining: bool = False
-
-    @contextmanager
-    def permit(self, count: int = 1) -> Iterator[None]:
-        """TGI's non-blocking try-acquire of `max_concurrent_requests`: no free permit → 429 at once."""
-        if self.permits._value < count:
-            self.metrics.request_failure.labels("overloaded").inc()
-            raise OverloadedError()
-        for _ in range(count):
-            self.permits._value -= 1
-        try:
-            yield
-        finally:
-            for _ in range(count):
-                self.permits.release()
-
-    @property
-    def in_flight(self) -> int:
-        """Requests holding a concurrency permit (generating or streaming)."""
-        return self.config.max_concurrent_requests - self.permits._value  # noqa: SLF001
-
-    @property
-    def system_fingerprint(self) -> str:
-        return f"{__version__}-native"
-
-
-async def parse_body(request: Request, model: type[M]) -> M:
-    content_type = request.headers.get("content-type", "")
-    if not content_type.split(";")[0].strip().lower().endswith("json"):
-        raise BodyError(415, "Expected request with `Content-Type: application/json`")
-    raw = await request.body()
-    if len(raw) > request.app.state.loom.config.payload_limit:  # bodies sent without a Content-Length
-        raise BodyError(413, "Failed to buffer the request body: length limit exceeded")
-    try:
-        data = json.loads(raw)
-    except ValueError as err:
-        raise BodyError(400, f"Failed to parse the request body as JSON: {err}") from err
-    try:
-        return model.model_validate(data)
-    except PydanticValidationError as err:
-        first = err.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "body"
-        raise BodyError(
-            422, f"Failed to deserialize the JSON body into the target type: {where}: {first['msg']}"
-        ) from err
-
-
-def build_state(config: RouterConfig, engine: EngineClient) -> RouterState:
-    assert engine.ready is not None, "connect the engine client before building the router"
-    tokenizer = load_tokenizer(config.model_dir)
-    max_total = min(config.max_total_tokens or engine.ready.max_total_tokens, engine.ready.max_total_tokens)
-    max_input = config.max_input_tokens or max_total - 1
-    limits = Limits(
-        config.max_best_of, config.max_stop_sequences, config.max_top_n_tokens, max_input, max_total,
-        config.disable_grammar_support,
-    )
-    metrics = Metrics(max_input, max_total, engine.ready.max_batch_total_tokens)
-    engine.on_step = metrics.observe_step
-    return RouterState(
-        config, engine, tokenizer, limits, Generator(engine, tokenizer, config.enable_prefill_logprobs), metrics,
-        asyncio.Semaphore(config.max_concurrent_requests),
-        ChatTemplate.load(tokenizer, config.model_dir, config.tokenizer_config_path),
-    )
-
-
 def create_app(config: RouterConfig, engine_endpoint: str, connect_timeout: float | None = None) -> FastAPI:
     """The app connects to the engine at start-up (waiting for its EngineReady) and closes the connection at exit."""
-    from loom.router import chat_routes, openai_routes, tgi_routes
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from loom.router.app import RouterState, parse_body
+from loom.router.state import RouterState, parse_body
 from loom.router.chat import ChatTemplate, Tool
 from loom.router.errors import InferError, TemplateError, ToolError
 from loom.router.generation import GenerationResult, StreamItem

@@ -18,7 +18,7 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 from transformers import PreTrainedTokenizerBase
 
-from loom.router.app import RouterState
+from loom.router.state import RouterState
 from loom.router.errors import InferError, UnavailableError, ValidationError
 from loom.router.generation import GenerationResult, StreamItem, Timings
 from loom.router.schemas import GenerateParameters

@@ -17,7 +17,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from loom.router import tgi_routes
-from loom.router.app import BodyError, RouterState, parse_body
+from loom.router.state import BodyError, RouterState, parse_body
 from loom.router.chat_routes import chat, chat_to_generate
 from loom.router.errors import CustomError, IncompleteGenerationError, InferError
 from loom.router.generation import GenerationResult, StreamItem

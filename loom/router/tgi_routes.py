@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from loom import __version__
-from loom.router.app import RouterState, parse_body
+from loom.router.state import RouterState, parse_body
 from loom.router.errors import IncompleteGenerationStreamError, InferError, ValidationError
 from loom.router.generation import GenerationResult, StreamItem, Timings
 from loom.router.handlers import (
