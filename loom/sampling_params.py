@@ -2,6 +2,8 @@
 
 The router builds one of these from `GenerateParameters` (or from an OpenAI request); `loom.LLM` takes them
 directly. Validation raises `ValueError` with TGI's exact message so the router can return it as a 422 body.
+The checks live here once (`check_sampling`, `check_token_budget`): the router's `check_parameters`/`validate` and
+the engine's `add_request` (which `loom.LLM` goes through) call the same functions.
 """
 
 from __future__ import annotations
@@ -39,28 +41,15 @@ class SamplingParams:
     ignore_eos: bool = False  # keep generating past EOS (benchmarks)
     grammar: GrammarSpec | None = None  # constrain the output to a JSON schema or a regex
 
-    def validate(self) -> None:
-        """Raise ValueError with TGI's message for the first invalid field (TGI's validation order)."""
-        if self.temperature is not None and self.temperature <= 0:
-            raise ValueError("`temperature` must be strictly positive")
-        if self.repetition_penalty is not None and self.repetition_penalty <= 0:
-            raise ValueError("`repetition_penalty` must be strictly positive")
-        if self.frequency_penalty is not None and not -2.0 <= self.frequency_penalty <= 2.0:
-            raise ValueError("`frequency_penalty` must be >= -2.0 and <= 2.0")
-        if self.presence_penalty is not None and not -2.0 <= self.presence_penalty <= 2.0:
-            raise ValueError("`presence_penalty` must be >= -2.0 and <= 2.0")
-        if self.top_p is not None and not 0.0 < self.top_p < 1.0:
-            raise ValueError("`top_p` must be > 0.0 and < 1.0")
-        if self.typical_p is not None and not 0.0 < self.typical_p < 1.0:
-            raise ValueError("`typical_p` must be > 0.0 and < 1.0")
-        if self.top_k is not None and self.top_k <= 0:
-            raise ValueError("`top_k` must be strictly positive")
-        if self.max_new_tokens is not None and self.max_new_tokens <= 0:
-            raise ValueError("`max_new_tokens` must be strictly positive")
-        if self.top_n_tokens < 0:
-            raise ValueError("`top_n_tokens` must be >= 0")
-        if self.seed is not None and not 0 <= self.seed < 2**64:
-            raise ValueError("`seed` must be an unsigned 64-bit integer")
+    def validate(self, *, max_stop_sequences: int | None = None, max_top_n_tokens: int | None = None) -> None:
+        """Raise ValueError with TGI's message for the first invalid field (`check_sampling`)."""
+        check_sampling(
+            temperature=self.temperature, repetition_penalty=self.repetition_penalty,
+            frequency_penalty=self.frequency_penalty, presence_penalty=self.presence_penalty, top_p=self.top_p,
+            typical_p=self.typical_p, top_k=self.top_k, max_new_tokens=self.max_new_tokens,
+            num_stop_sequences=len(self.stop), max_stop_sequences=max_stop_sequences, seed=self.seed,
+            top_n_tokens=self.top_n_tokens, max_top_n_tokens=max_top_n_tokens,
+        )
 
     @property
     def uses_warpers(self) -> bool:
@@ -89,9 +78,70 @@ class SamplingParams:
             return self
         return replace(self, seed=random.getrandbits(64))
 
-    def effective_max_new_tokens(self, prompt_len: int, max_total_tokens: int) -> int:
-        """TGI: unspecified → fill the context, capped at 1024; always at least one token."""
-        room = max(max_total_tokens - prompt_len, 1)
-        if self.max_new_tokens is None:
-            return min(room, DEFAULT_MAX_NEW_TOKENS_CAP)
-        return self.max_new_tokens
+
+def check_sampling(
+    *, temperature: float | None = None, repetition_penalty: float | None = None,
+    frequency_penalty: float | None = None, presence_penalty: float | None = None, top_p: float | None = None,
+    typical_p: float | None = None, top_k: int | None = None, max_new_tokens: int | None = None,
+    num_stop_sequences: int = 0, max_stop_sequences: int | None = None, seed: int | None = None, best_of: int = 1,
+    top_n_tokens: int | None = None, max_top_n_tokens: int | None = None,
+) -> None:
+    """The parameter checks, the one implementation for the router (`check_parameters`), the engine
+    (`EngineCore.add_request`, through `SamplingParams.validate`) and `loom.LLM`.
+
+    Raises ValueError with TGI's exact message for the first invalid value, in TGI's order
+    (router/src/validation.rs): temperature → repetition_penalty → frequency_penalty (→ presence_penalty, Loom's
+    offline API; the router maps OpenAI's onto repetition_penalty as TGI does) → top_p → typical_p → top_k →
+    max_new_tokens → stop count → seed → top_n_tokens. None means unset. The limits are the router's
+    (`--max-stop-sequences`, `--max-top-n-tokens`); without them only the range of the value is checked.
+    `best_of` (router only) is here for the seed check, which TGI makes between the stop and top_n checks.
+    """
+    if temperature is not None and temperature <= 0:
+        raise ValueError("`temperature` must be strictly positive")
+    if repetition_penalty is not None and repetition_penalty <= 0:
+        raise ValueError("`repetition_penalty` must be strictly positive")
+    if frequency_penalty is not None and not -2.0 <= frequency_penalty <= 2.0:
+        raise ValueError("`frequency_penalty` must be >= -2.0 and <= 2.0")
+    if presence_penalty is not None and not -2.0 <= presence_penalty <= 2.0:
+        raise ValueError("`presence_penalty` must be >= -2.0 and <= 2.0")
+    if top_p is not None and not 0.0 < top_p < 1.0:
+        raise ValueError("`top_p` must be > 0.0 and < 1.0")
+    if typical_p is not None and not 0.0 < typical_p < 1.0:
+        raise ValueError("`typical_p` must be > 0.0 and < 1.0")
+    if top_k is not None and top_k <= 0:
+        raise ValueError("`top_k` must be strictly positive")
+    if max_new_tokens is not None:
+        check_max_new_tokens(max_new_tokens)
+    if max_stop_sequences is not None and num_stop_sequences > max_stop_sequences:
+        raise ValueError(f"`stop` supports up to {max_stop_sequences} stop sequences. Given: {num_stop_sequences}")
+    if seed is not None and best_of > 1:
+        raise ValueError("`seed` must not be set when `best_of` > 1")
+    if seed is not None and not 0 <= seed < 2**64:
+        raise ValueError("`seed` must be an unsigned 64-bit integer")
+    top_n = top_n_tokens or 0
+    if max_top_n_tokens is not None and not 0 <= top_n <= max_top_n_tokens:
+        raise ValueError(f"`top_n_tokens` must be >= 0 and <= {max_top_n_tokens}. Given: {top_n}")
+    if top_n < 0:
+        raise ValueError("`top_n_tokens` must be >= 0")
+
+
+def check_max_new_tokens(max_new_tokens: int) -> None:
+    if max_new_tokens <= 0:
+        raise ValueError("`max_new_tokens` must be strictly positive")
+
+
+def resolve_max_new_tokens(max_new_tokens: int | None, input_length: int, max_total_tokens: int) -> int:
+    """TGI: an unspecified `max_new_tokens` fills what is left of the context (0 when nothing is), capped at 1024.
+    The result can be 0 or overflow the context: `check_token_budget` and `check_max_new_tokens` reject those."""
+    if max_new_tokens is not None:
+        return max_new_tokens
+    return min(max(max_total_tokens - input_length, 0), DEFAULT_MAX_NEW_TOKENS_CAP)
+
+
+def check_token_budget(input_length: int, max_new_tokens: int, max_total_tokens: int) -> None:
+    """TGI's `MaxTotalTokens` check, with the resolved (1024-capped when unspecified) `max_new_tokens`."""
+    if input_length + max_new_tokens > max_total_tokens:
+        raise ValueError(
+            f"`inputs` tokens + `max_new_tokens` must be <= {max_total_tokens}. "
+            f"Given: {input_length} `inputs` tokens and {max_new_tokens} `max_new_tokens`"
+        )

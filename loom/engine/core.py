@@ -23,7 +23,7 @@ from loom.engine.request import Request
 from loom.engine.scheduler import Scheduler
 from loom.engine.stop import StopChecker
 from loom.grammar.guide import GrammarGuide
-from loom.sampling_params import SamplingParams
+from loom.sampling_params import SamplingParams, check_max_new_tokens, check_token_budget, resolve_max_new_tokens
 from loom.tokenizer import eos_token_ids, load_tokenizer
 from loom.protocol.plan import StepResult
 from loom.worker.runner import GuidedMasks, ModelRunner
@@ -121,13 +121,9 @@ class EngineCore:
         vocab = self.model_config.vocab_size
         if any(not 0 <= t < vocab for t in prompt_token_ids):
             raise ValueError(f"token ids must be in [0, {vocab})")
-        max_new = params.effective_max_new_tokens(len(prompt_token_ids), self.max_total_tokens)
-        total = len(prompt_token_ids) + max_new
-        if total > self.max_total_tokens:
-            raise ValueError(
-                f"`inputs` tokens + `max_new_tokens` must be <= {self.max_total_tokens}. "
-                f"Given: {len(prompt_token_ids)} `inputs` tokens and {max_new} `max_new_tokens`"
-            )
+        max_new = resolve_max_new_tokens(params.max_new_tokens, len(prompt_token_ids), self.max_total_tokens)
+        check_token_budget(len(prompt_token_ids), max_new, self.max_total_tokens)
+        check_max_new_tokens(max_new)  # a prompt that fills the context leaves no room
         request = Request(
             request_id, list(prompt_token_ids), params, max_new, self.eos_token_ids,
             stop_checker=StopChecker.create(params.stop, self.tokenizer, prompt_token_ids),

@@ -6,6 +6,8 @@ Turns a prompt and `GenerateParameters` into token ids and engine `SamplingParam
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
@@ -13,7 +15,9 @@ from transformers import PreTrainedTokenizerBase
 from loom.router.errors import ValidationError
 from loom.router.grammar import grammar_spec
 from loom.router.schemas import GenerateParameters
-from loom.sampling_params import DEFAULT_MAX_NEW_TOKENS_CAP, SamplingParams
+from loom.sampling_params import (
+    SamplingParams, check_max_new_tokens, check_sampling, check_token_budget, resolve_max_new_tokens,
+)
 
 
 @dataclass(frozen=True)
@@ -42,37 +46,33 @@ class ValidatedRequest:
         return len(self.prompt_token_ids)
 
 
+@contextmanager
+def _as_validation_error() -> Iterator[None]:
+    """The shared checks (loom.sampling_params) raise ValueError with TGI's message: a 422 here."""
+    try:
+        yield
+    except ValueError as err:
+        raise ValidationError(str(err)) from err
+
+
 def check_parameters(p: GenerateParameters, limits: Limits, stream: bool) -> int:
-    """The checks that need no tokenizer, in TGI's order. Returns best_of."""
+    """The checks that need no tokenizer, in TGI's order. Returns best_of.
+
+    The sampling fields are checked by `check_sampling`, shared with the engine and `loom.LLM`; the best_of,
+    streaming and watermark checks are the router's own."""
     best_of = p.best_of if p.best_of not in (None, 0) else 1
     if p.best_of is not None and p.best_of != 1 and stream:
         raise ValidationError("`best_of` != 1 is not supported when streaming tokens")
     sampling = p.do_sample or any(v is not None for v in (p.temperature, p.top_k, p.top_p, p.typical_p))
     if best_of > 1 and not sampling:
         raise ValidationError("you must use sampling when `best_of` is > 1")
-    if p.temperature is not None and p.temperature <= 0:
-        raise ValidationError("`temperature` must be strictly positive")
-    if p.repetition_penalty is not None and p.repetition_penalty <= 0:
-        raise ValidationError("`repetition_penalty` must be strictly positive")
-    if p.frequency_penalty is not None and not -2.0 <= p.frequency_penalty <= 2.0:
-        raise ValidationError("`frequency_penalty` must be >= -2.0 and <= 2.0")
-    if p.top_p is not None and not 0.0 < p.top_p < 1.0:
-        raise ValidationError("`top_p` must be > 0.0 and < 1.0")
-    if p.typical_p is not None and not 0.0 < p.typical_p < 1.0:
-        raise ValidationError("`typical_p` must be > 0.0 and < 1.0")
-    if p.top_k is not None and p.top_k <= 0:
-        raise ValidationError("`top_k` must be strictly positive")
-    if p.max_new_tokens == 0:
-        raise ValidationError("`max_new_tokens` must be strictly positive")
-    if len(p.stop) > limits.max_stop_sequences:
-        raise ValidationError(
-            f"`stop` supports up to {limits.max_stop_sequences} stop sequences. Given: {len(p.stop)}"
+    with _as_validation_error():
+        check_sampling(
+            temperature=p.temperature, repetition_penalty=p.repetition_penalty, frequency_penalty=p.frequency_penalty,
+            top_p=p.top_p, typical_p=p.typical_p, top_k=p.top_k, max_new_tokens=p.max_new_tokens,
+            num_stop_sequences=len(p.stop), max_stop_sequences=limits.max_stop_sequences, seed=p.seed,
+            best_of=best_of, top_n_tokens=p.top_n_tokens, max_top_n_tokens=limits.max_top_n_tokens,
         )
-    if best_of > 1 and p.seed is not None:
-        raise ValidationError("`seed` must not be set when `best_of` > 1")
-    top_n = p.top_n_tokens or 0
-    if top_n > limits.max_top_n_tokens:
-        raise ValidationError(f"`top_n_tokens` must be >= 0 and <= {limits.max_top_n_tokens}. Given: {top_n}")
     if p.decoder_input_details and stream:
         raise ValidationError("`decoder_input_details` == true is not supported when streaming tokens")
     if p.watermark:
@@ -99,17 +99,14 @@ async def validate(
     if p.truncate is not None:
         ids = ids[-p.truncate :]  # TGI keeps the last `truncate` tokens
     input_length = len(ids)
-    max_new = p.max_new_tokens or min(max(limits.max_total_tokens - input_length, 0), DEFAULT_MAX_NEW_TOKENS_CAP)
-    if input_length + max_new > limits.max_total_tokens:
-        raise ValidationError(
-            f"`inputs` tokens + `max_new_tokens` must be <= {limits.max_total_tokens}. "
-            f"Given: {input_length} `inputs` tokens and {max_new} `max_new_tokens`"
-        )
+    max_new = resolve_max_new_tokens(p.max_new_tokens, input_length, limits.max_total_tokens)
+    with _as_validation_error():
+        check_token_budget(input_length, max_new, limits.max_total_tokens)
     if input_length > limits.max_input_tokens:
         raise ValidationError(f"`inputs` must have less than {limits.max_input_tokens} tokens. Given: {input_length}")
     grammar = grammar_spec(p.grammar, limits.disable_grammar_support) if p.grammar is not None else None
-    if max_new == 0:
-        raise ValidationError("`max_new_tokens` must be strictly positive")
+    with _as_validation_error():
+        check_max_new_tokens(max_new)
     params = SamplingParams(
         max_new_tokens=max_new, do_sample=p.do_sample, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
         typical_p=p.typical_p, repetition_penalty=p.repetition_penalty, frequency_penalty=p.frequency_penalty,
