@@ -124,7 +124,7 @@ class LLM:
                     if r.top_tokens is not None:
                         r.top_tokens.extend(out.new_top_tokens)
                     if out.finished:
-                        r.finish_reason = out.finish_reason
+                        r.finish_reason = out.finish_reason.value if out.finish_reason is not None else None
                         r.num_cached_tokens = out.num_cached_tokens
                         bar.update(1)
 

@@ -163,7 +163,7 @@ class EngineCore:
             outputs.append(RequestOutput(
                 rid, [result.token_ids[i]], [result.logprobs[i]],
                 [result.top_tokens[i]] if r.params.top_n_tokens else [],
-                r.is_finished, r.finish_reason.value if r.finish_reason else None,
+                r.is_finished, r.finish_reason,
                 r.num_prompt_tokens, r.num_cached_tokens, r.params.seed,
                 r.prompt_logprobs if first and r.prompt_logprobs is not None else None,
             ))
