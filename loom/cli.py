@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from loom.run_config import RunConfig
 
 USAGE = """usage: loom <command> [options]
 
@@ -36,7 +39,12 @@ def main(argv: list[str] | None = None) -> int:
     if command in ("engine", "router"):
         ap = argparse.ArgumentParser(prog=f"loom {command}")
         ap.add_argument("--config", required=True, help="run config written by the launcher")
-        config = json.loads(open(ap.parse_args(rest).config).read())
+        from loom.run_config import RunConfigError, load
+
+        try:
+            config = load(ap.parse_args(rest).config)
+        except RunConfigError as err:
+            raise SystemExit(f"error: {err}") from err
         return run_engine(config) if command == "engine" else run_router(config)
     print(f"loom: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
@@ -49,26 +57,26 @@ def launcher_main() -> int:
     return launch(sys.argv[1:])
 
 
-def run_engine(config: dict) -> int:
+def run_engine(config: RunConfig) -> int:
+    import msgspec.structs
+
     from loom import tracing
     from loom.config import EngineConfig
     from loom.engine.core import EngineCore
     from loom.engine.server import serve
     from loom.logs import setup_logging
 
-    setup_logging(config["json_output"])
-    name = config["otlp_service_name"]
-    tracing.setup(config["otlp_endpoint"], name.removesuffix(".router") + ".server")
-    world = config.get("num_shard", 1)
+    setup_logging(config.json_output)
+    tracing.setup(config.otlp_endpoint, config.otlp_service_name.removesuffix(".router") + ".server")
+    world = config.num_shard
     if world > 1:
         from loom.distributed.comm import DistributedConfig, init_distributed
 
-        init_distributed(DistributedConfig(0, world, config["master_addr"], config["master_port"], 0,
-                                           config["local_shards"]))
+        init_distributed(DistributedConfig(0, world, config.master_addr, config.master_port, 0, config.local_shards))
     try:
-        engine = EngineCore(config["model_dir"], config["dtype"], EngineConfig(**config["engine"]),
-                            quantize=config.get("quantize"))
-        serve(engine, config["endpoint"])
+        engine = EngineCore(config.model_dir, config.dtype, EngineConfig(**msgspec.structs.asdict(config.engine)),
+                            quantize=config.quantize)
+        serve(engine, config.endpoint)
     finally:
         tracing.shutdown()
         if world > 1:
@@ -116,23 +124,24 @@ def run_shard(argv: list[str]) -> int:
     return 0
 
 
-def run_router(config: dict) -> int:
-    from loom import tracing
+def run_router(config: RunConfig) -> int:
     import logging
 
+    import msgspec.structs
+
+    from loom import tracing
     from loom.logs import setup_logging
     from loom.router.app import create_app
     from loom.router.config import RouterConfig
     from loom.router.server import serve
 
-    setup_logging(config["json_output"])
-    tracing.setup(config["otlp_endpoint"], config["otlp_service_name"])
-    rc = config["router"]
-    router_config = RouterConfig(**{**rc, "cors_allow_origin": tuple(rc["cors_allow_origin"])})
-    app = create_app(router_config, config["endpoint"])
-    _start_prometheus_listener(app, router_config.hostname, config["prometheus_port"])
+    setup_logging(config.json_output)
+    tracing.setup(config.otlp_endpoint, config.otlp_service_name)
+    router_config = RouterConfig(**msgspec.structs.asdict(config.router))
+    app = create_app(router_config, config.endpoint)
+    _start_prometheus_listener(app, router_config.hostname, config.prometheus_port)
     try:
-        serve(app, router_config.hostname, router_config.port, config["graceful_termination_timeout"])
+        serve(app, router_config.hostname, router_config.port, config.graceful_termination_timeout)
     finally:
         tracing.shutdown()
     logging.getLogger("loom.router").info("router stopped")

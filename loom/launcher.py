@@ -4,14 +4,14 @@ and tear everything down in order on a signal or when any of them dies.
     launcher ──spawn──▶ engine process  (loom.cli engine --config run.json)       tensor-parallel rank 0
              ──spawn──▶ shard processes (loom.cli shard, RANK=1..N-1 in the env)  only with --num-shard N > 1
              ──spawn──▶ router process  (loom.cli router --config run.json)
-The engine and router read one frozen run config the launcher writes; shards get torchrun's environment variables
-(RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, LOCAL_RANK) and follow rank 0. The engine endpoint is an ipc socket
-in a directory unique to this launcher, so several servers can run on one machine.
+The engine and router read one frozen run config the launcher writes (run.json, a loom.run_config.RunConfig);
+shards get torchrun's environment variables (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, LOCAL_RANK) and follow
+rank 0. The engine endpoint is an ipc socket in a directory unique to this launcher, so several servers can run on
+one machine.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -21,12 +21,12 @@ import sys
 import tempfile
 import time
 import urllib.request
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from loom.config import EngineConfig, ModelConfig
-from loom.router.config import RouterConfig
+from loom import run_config
+from loom.config import ModelConfig
+from loom.run_config import EngineSettings, RouterSettings, RunConfig
 
 logger = logging.getLogger("loom.launcher")
 READY_POLL_SECONDS = 0.25
@@ -65,14 +65,15 @@ def download(repo_id: str, revision: str | None) -> Path:
         ) from err
 
 
-def build_run_config(args: dict[str, Any], model_id: str, model_dir: Path, run_dir: Path) -> dict[str, Any]:
-    engine = EngineConfig(
+def build_run_config(args: dict[str, Any], model_id: str, model_dir: Path, run_dir: Path) -> RunConfig:
+    """The run config the engine and router read, from the resolved launcher flags (launcher_args.resolve)."""
+    engine = EngineSettings(
         max_batch_prefill_tokens=args["max_batch_prefill_tokens"],
         max_batch_total_tokens=args["max_batch_total_tokens"],
         max_batch_size=args["max_batch_size"] or 256,
         max_total_tokens=args["max_total_tokens"],
     )
-    router = RouterConfig(
+    router = RouterSettings(
         model_id=model_id, model_dir=str(model_dir), hostname=args["hostname"], port=args["port"],
         max_concurrent_requests=args["max_concurrent_requests"], max_best_of=args["max_best_of"],
         max_stop_sequences=args["max_stop_sequences"], max_top_n_tokens=args["max_top_n_tokens"],
@@ -83,15 +84,14 @@ def build_run_config(args: dict[str, Any], model_id: str, model_dir: Path, run_d
         tokenizer_config_path=args["tokenizer_config_path"],
         disable_grammar_support=bool(args["disable_grammar_support"]), json_output=bool(args["json_output"]),
     )
-    return {
-        "model_dir": str(model_dir), "dtype": args["dtype"] or "auto", "endpoint": f"ipc://{run_dir}/engine",
-        "quantize": args["quantize"],
-        "engine": asdict(engine), "router": asdict(router), "prometheus_port": args["prometheus_port"],
-        "graceful_termination_timeout": args["graceful_termination_timeout"], "json_output": bool(args["json_output"]),
-        "otlp_endpoint": args["otlp_endpoint"], "otlp_service_name": args["otlp_service_name"],
-        "num_shard": args["num_shard"], "local_shards": args["local_shards"], "master_addr": args["master_addr"],
-        "master_port": args["master_port"],
-    }
+    return RunConfig(
+        model_dir=str(model_dir), endpoint=f"ipc://{run_dir}/engine", router=router, engine=engine,
+        dtype=args["dtype"] or "auto", quantize=args["quantize"], prometheus_port=args["prometheus_port"],
+        graceful_termination_timeout=args["graceful_termination_timeout"], json_output=bool(args["json_output"]),
+        otlp_endpoint=args["otlp_endpoint"], otlp_service_name=args["otlp_service_name"],
+        num_shard=args["num_shard"], local_shards=args["local_shards"], master_addr=args["master_addr"],
+        master_port=args["master_port"],
+    )
 
 
 def check_shards(args: dict[str, Any], model_dir: Path) -> None:
@@ -142,7 +142,7 @@ class Launcher:
             check_shards(self.args, model_dir)
             config = build_run_config(self.args, model_id, model_dir, self.run_dir)
             config_path = self.run_dir / "run.json"
-            config_path.write_text(json.dumps(config, indent=2))
+            run_config.dump(config, config_path)
             self._spawn_engine(config_path)
             # TGI's launcher sets "{num_shard}-{gpu name}"; on CPU the device is "cpu". An explicit COMPUTE_TYPE wins.
             compute = {"COMPUTE_TYPE": os.environ.get("COMPUTE_TYPE", f"{self.args['num_shard'] or 1}-cpu")}
