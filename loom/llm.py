@@ -16,7 +16,9 @@ from loom.config import EngineConfig, ModelConfig
 from loom.distributed.parallel_state import get_tp_group
 from loom.models.registry import check_tensor_parallel
 from loom.engine.core import EngineCore
+from loom.protocol.outputs import FinishReason
 from loom.sampling_params import SamplingParams
+from loom.tokenizer import IncrementalDetokenizer, StopSequences
 
 Prompt = Union[str, Sequence[int]]
 
@@ -90,6 +92,7 @@ class LLM:
         prompt_list = _as_prompt_list(prompts)
         param_list = _as_param_list(params, len(prompt_list))
         results: dict[str, GenerationResult] = {}
+        texts: dict[str, tuple[IncrementalDetokenizer, StopSequences]] = {}
         order = []
         try:
             for prompt, p in zip(prompt_list, param_list):
@@ -100,8 +103,10 @@ class LLM:
                     prompt if isinstance(prompt, str) else None, ids, seed=request.params.seed,
                     logprobs=[] if p.details else None, top_tokens=[] if p.top_n_tokens else None,
                 )
+                if p.stop:  # stop sequences are text: matched here, as the router does
+                    texts[rid] = (IncrementalDetokenizer.for_prompt(self.tokenizer, ids), StopSequences(tuple(p.stop)))
                 order.append(rid)
-            self._run(results, use_tqdm if use_tqdm is not None else len(order) >= 32)
+            self._run(results, texts, use_tqdm if use_tqdm is not None else len(order) >= 32)
         except BaseException:
             for rid in order:
                 self.engine.abort_request(rid)
@@ -110,23 +115,31 @@ class LLM:
             r.text = self.tokenizer.decode(r.token_ids, skip_special_tokens=True)
         return [results[rid] for rid in order]
 
-    def _run(self, results: dict[str, GenerationResult], show_progress: bool) -> None:
+    def _run(self, results: dict[str, GenerationResult],
+             texts: dict[str, tuple[IncrementalDetokenizer, StopSequences]], show_progress: bool) -> None:
         bar = tqdm(total=len(results), desc="generating", unit="req", disable=not show_progress)
         with bar:
             while self.engine.has_unfinished():
                 for out in self.engine.step():
                     r = results.get(out.request_id)
-                    if r is None:
+                    if r is None or r.finish_reason is not None:
                         continue
-                    r.token_ids.extend(out.new_token_ids)
-                    if r.logprobs is not None:
-                        r.logprobs.extend(out.new_logprobs)
-                    if r.top_tokens is not None:
-                        r.top_tokens.extend(out.new_top_tokens)
-                    if out.finished:
-                        r.finish_reason = out.finish_reason.value if out.finish_reason is not None else None
-                        r.num_cached_tokens = out.num_cached_tokens
-                        bar.update(1)
+                    for i, token in enumerate(out.new_token_ids):
+                        r.token_ids.append(token)
+                        if r.logprobs is not None:
+                            r.logprobs.append(out.new_logprobs[i])
+                        if r.top_tokens is not None:
+                            r.top_tokens.append(out.new_top_tokens[i])
+                        reason = out.finish_reason if out.finished and i == len(out.new_token_ids) - 1 else None
+                        text = texts.get(out.request_id)
+                        if reason is None and text is not None and text[1].push(text[0].push(token)):
+                            reason = FinishReason.STOP_SEQUENCE
+                            self.engine.abort_request(out.request_id)
+                        if reason is not None:
+                            r.finish_reason = reason.value
+                            r.num_cached_tokens = out.num_cached_tokens
+                            bar.update(1)
+                            break
 
 
 def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:

@@ -83,3 +83,28 @@ class IncrementalDetokenizer:
             del self.ids[:cut]
             self.prefix_offset -= cut
             self.read_offset -= cut
+
+
+# TGI trims the text buffer it matches stop sequences against to its last 200 characters once it passes 300.
+_STOP_BUFFER_MAX, _STOP_BUFFER_KEEP = 300, 200
+
+
+@dataclass(slots=True)
+class StopSequences:
+    """TGI's stop sequences: the text generated so far ends with one of them (the stop text stays in the output).
+
+    Matched where text is made (the router, `loom.LLM`), on the same deltas the client sees; the engine only
+    knows token-level stops (length, EOS) and is told to abort the request when a sequence matches. TGI's priority
+    holds: a token that also reaches `max_new_tokens` or is EOS finishes with that reason."""
+
+    stop: tuple[str, ...]
+    text: str = ""
+
+    def push(self, delta: str) -> bool:
+        """Feed one token's text; True when the text now ends with a stop sequence."""
+        if not delta:
+            return False
+        self.text += delta
+        if len(self.text) > _STOP_BUFFER_MAX:
+            self.text = self.text[-_STOP_BUFFER_KEEP:]
+        return any(self.text.endswith(s) for s in self.stop)

@@ -21,7 +21,6 @@ from loom.engine.kv.kv_manager import KVCacheManager
 from loom.protocol.outputs import RequestOutput
 from loom.engine.request import Request
 from loom.engine.scheduler import Scheduler
-from loom.engine.stop import StopChecker
 from loom.grammar.guide import GrammarGuide
 from loom.sampling_params import SamplingParams, check_max_new_tokens, check_token_budget, resolve_max_new_tokens
 from loom.tokenizer import eos_token_ids, load_tokenizer
@@ -126,7 +125,6 @@ class EngineCore:
         check_max_new_tokens(max_new)  # a prompt that fills the context leaves no room
         request = Request(
             request_id, list(prompt_token_ids), params, max_new, self.eos_token_ids,
-            stop_checker=StopChecker.create(params.stop, self.tokenizer, prompt_token_ids),
             prompt_logprobs=[None] if prompt_logprobs else None,
             grammar=self.grammar.matcher(params.grammar) if params.grammar is not None else None,
         )

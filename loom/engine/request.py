@@ -7,7 +7,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from loom.engine.stop import StopChecker
 from loom.protocol.outputs import FinishReason
 from loom.sampling_params import SamplingParams
 
@@ -25,7 +24,6 @@ class Request:
     params: SamplingParams
     max_new_tokens: int
     eos_token_ids: frozenset[int]
-    stop_checker: StopChecker | None = None
     arrival_time: float = field(default_factory=time.monotonic)
     token_ids: list[int] = field(default_factory=list)  # prompt + generated; positions of the sequence
     num_computed_tokens: int = 0  # positions whose K/V are in the cache

@@ -168,14 +168,14 @@ class Scheduler:
             raise AssertionError(f"prompt scores from position {scores.first} leave a gap after {have}")
         request.prompt_logprobs.extend(scores.logprobs[skip:])
 
-    def _stop_reason(self, request: Request, token: int) -> FinishReason | None:
-        stop_hit = request.stop_checker.push(token) if request.stop_checker else False
+    @staticmethod
+    def _stop_reason(request: Request, token: int) -> FinishReason | None:
+        """The token-level stops, TGI's priority: length, then EOS. Stop sequences are text: matched where the
+        text is made (router, loom.LLM: tokenizer.StopSequences), which then aborts the request."""
         if request.num_output_tokens >= request.max_new_tokens:
             return FinishReason.LENGTH
         if not request.params.ignore_eos and token in request.eos_token_ids:
             return FinishReason.EOS_TOKEN
-        if stop_hit:
-            return FinishReason.STOP_SEQUENCE
         return None
 
     def _finish(self, request: Request, reason: FinishReason) -> None:

@@ -15,12 +15,12 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from loom.protocol.outputs import FailureKind
+from loom.protocol.outputs import FailureKind, FinishReason
 from loom.router.engine_client import EngineClient, EngineError
 from loom.router.errors import GenerationError, IncompleteGenerationError, ValidationError
 from loom.router.validation import ValidatedRequest
 from loom import tracing
-from loom.tokenizer import IncrementalDetokenizer
+from loom.tokenizer import IncrementalDetokenizer, StopSequences
 
 
 @dataclass(slots=True)
@@ -136,6 +136,7 @@ class Generator:
         handle = self.engine.submit(uuid.uuid4().hex, req.prompt_token_ids, req.params, prompt_logprobs,
                                     tracing.carrier_of(timings.span))
         detok = IncrementalDetokenizer.for_prompt(self.tokenizer, req.prompt_token_ids)
+        stops = StopSequences(tuple(req.params.stop)) if req.params.stop else None
         tokens: list[TokenInfo] = []
         tops: list[list[TokenInfo]] = []
         prefill: list[dict] = []
@@ -151,11 +152,13 @@ class Generator:
                         if i < len(out.new_top_tokens) else []
                     tokens.append(tok)
                     tops.append(top)
-                    last = out.finished and i == len(out.new_token_ids) - 1
-                    result = self._result(req, out, tokens, tops, prefill, timings) if last else None
+                    reason = out.finish_reason if out.finished and i == len(out.new_token_ids) - 1 else None
+                    if reason is None and stops is not None and stops.push(tok.text):
+                        reason = FinishReason.STOP_SEQUENCE  # the engine is told to stop: `release` aborts it
+                    result = self._result(req, out, reason, tokens, tops, prefill, timings) if reason else None
                     yield StreamItem(tok, top, result)
-                if out.finished:
-                    return
+                    if reason is not None:
+                        return
         except EngineError as err:
             if err.error_type is FailureKind.VALIDATION:
                 raise ValidationError(err.message) from err
@@ -171,13 +174,15 @@ class Generator:
                     return item.result
         raise IncompleteGenerationError()
 
-    def _result(self, req, out, tokens, tops, prefill, timings) -> GenerationResult:
+    def _result(self, req, out, reason: FinishReason, tokens, tops, prefill, timings) -> GenerationResult:
         timings.end = time.monotonic()
+        # TGI's generated_text: the whole output decoded once more, without special tokens (the streamed token
+        # texts keep them)
         text = self.tokenizer.decode([t.id for t in tokens], skip_special_tokens=True)
         if req.return_full_text:
             text = req.inputs + text
         return GenerationResult(
-            text, out.finish_reason.value if out.finish_reason is not None else None, tokens, tops if req.top_n_tokens else [], prefill,
+            text, reason.value, tokens, tops if req.top_n_tokens else [], prefill,
             out.seed if req.params.is_sampling else None, req.input_length, timings,
         )
 

@@ -140,6 +140,16 @@ def test_stop_sequence_keeps_the_stop_text(llm, prompt):
     assert r.token_ids == full.token_ids[: len(r.token_ids)] and len(r.token_ids) <= 10
 
 
+def test_length_wins_over_a_stop_sequence_on_the_same_token(llm, prompt):
+    full = _one(llm, prompt, max_new_tokens=20)
+    stop = llm.tokenizer.decode(full.token_ids[:10])[-5:]
+    first = _one(llm, prompt, max_new_tokens=20, stop=[stop])
+    n = len(first.token_ids)  # the token that completes the stop text
+    r = _one(llm, prompt, max_new_tokens=n, stop=[stop])
+    assert first.finish_reason == "stop_sequence" and r.finish_reason == "length"  # TGI: length, EOS, then stop
+    assert r.token_ids == first.token_ids
+
+
 def test_details_logprobs_match_transformers(llm, prompt, llama_dir):
     r = _one(llm, prompt, max_new_tokens=8, details=True, top_n_tokens=3)
     hf = AutoModelForCausalLM.from_pretrained(str(llama_dir), dtype=torch.float32)

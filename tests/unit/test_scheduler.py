@@ -12,13 +12,11 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import pytest
-from transformers import AutoTokenizer
 
 from loom.config import EngineConfig
 from loom.engine.kv.kv_manager import KVCacheManager
 from loom.engine.request import FinishReason, Request, RequestStatus
 from loom.engine.scheduler import Scheduler, SchedulerOutput
-from loom.engine.stop import StopChecker
 from loom.protocol.plan import StepPlan, StepResult
 from loom.sampling_params import SamplingParams
 
@@ -66,10 +64,9 @@ def make_scheduler(
 
 def make_request(
     rid: str, prompt: list[int], max_new_tokens: int = 8, params: SamplingParams | None = None,
-    stop_checker: StopChecker | None = None,
 ) -> Request:
     return Request(
-        rid, list(prompt), params or SamplingParams(), max_new_tokens, frozenset({EOS}), stop_checker=stop_checker
+        rid, list(prompt), params or SamplingParams(), max_new_tokens, frozenset({EOS})
     )
 
 
@@ -428,58 +425,6 @@ def test_ignore_eos_runs_to_max_new_tokens():
     assert finished == [[], [], [r]]
     assert r.finish_reason is FinishReason.LENGTH and r.output_token_ids == [EOS, EOS, EOS]
     assert_idle(sched)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tokenizer_dir):
-    return AutoTokenizer.from_pretrained(str(tokenizer_dir))
-
-
-def _stop_request(tokenizer, rid: str, max_new_tokens: int, stop: list[str]) -> tuple[Request, list[int]]:
-    prompt = tokenizer.encode("Say something:")
-    hello, world, bang = tokenizer.encode("Hello"), tokenizer.encode(" world"), tokenizer.encode("!")
-    assert len(hello) == len(world) == len(bang) == 1
-    params = SamplingParams(stop=stop)
-    req = make_request(rid, prompt, max_new_tokens, params, StopChecker.create(stop, tokenizer, prompt))
-    return req, hello + world + bang
-
-
-def test_stop_sequence_spanning_two_tokens(tokenizer):
-    sched = make_scheduler()
-    r, script = _stop_request(tokenizer, "r", 5, ["lo world"])
-    sched.add(r)
-    fake = scripted({"r": script})
-    assert step(sched, fake).finished == []  # "Hello"
-    _, finished, _, _ = step(sched, fake)  # "Hello world"
-    assert finished == [r] and r.finish_reason is FinishReason.STOP_SEQUENCE
-    assert r.output_token_ids == script[:2]
-    assert tokenizer.decode(r.output_token_ids) == "Hello world"
-    assert_idle(sched)
-
-
-def test_stop_sequence_not_matched_keeps_going(tokenizer):
-    sched = make_scheduler()
-    r, script = _stop_request(tokenizer, "r", 3, ["world?"])
-    sched.add(r)
-    fake = scripted({"r": script})
-    assert [step(sched, fake).finished for _ in range(3)] == [[], [], [r]]
-    assert r.finish_reason is FinishReason.LENGTH
-    assert_idle(sched)
-
-
-def test_length_wins_over_stop_sequence(tokenizer):
-    sched = make_scheduler()
-    r, script = _stop_request(tokenizer, "r", 2, ["lo world"])
-    sched.add(r)
-    fake = scripted({"r": script})
-    step(sched, fake)
-    _, finished, _, _ = step(sched, fake)
-    assert finished == [r] and r.finish_reason is FinishReason.LENGTH
-    assert_idle(sched)
-
-
-def test_no_stop_checker_when_no_stop_sequences(tokenizer):
-    assert StopChecker.create([], tokenizer, [1, 2]) is None
 
 
 # ---------------------------------------------------------------- plan
