@@ -20,30 +20,51 @@ def sse_data(payload: str) -> bytes:
     return f"data:{payload}\n\n".encode()
 
 
+_END = object()  # the events are exhausted
+_KEEPALIVE = object()  # `interval` passed without an event
+
+
 async def with_keepalive(events: AsyncIterator[bytes], interval: float = KEEPALIVE_SECONDS) -> AsyncIterator[bytes]:
-    """Forward `events`, inserting keep-alive comments while waiting. Closing this generator (client gone)
-    cancels the pending read and closes `events`, so its cleanup (aborting the request) runs."""
-    pending: asyncio.Task | None = None
+    """Forward `events`, inserting keep-alive comments while waiting. One task reads `events` for the whole stream
+    and a timer marks each silence (not a task per event: at one token per event that was a task per token).
+    Closing this generator (client gone) cancels the reader and closes `events`, so its cleanup (aborting the
+    request) runs; an exception raised by `events` is raised here."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def read() -> None:
+        try:
+            async for chunk in events:
+                queue.put_nowait(chunk)
+        except BaseException as err:  # noqa: BLE001 — handed to the consumer, which raises it
+            queue.put_nowait(err)
+            if isinstance(err, asyncio.CancelledError):
+                raise
+        else:
+            queue.put_nowait(_END)
+
+    reader = asyncio.ensure_future(read())
     try:
         while True:
-            if pending is None:
-                pending = asyncio.ensure_future(events.__anext__())
-            done, _ = await asyncio.wait({pending}, timeout=interval)
-            if not done:
-                yield b":\n\n"
-                continue
+            timer = None if not queue.empty() else loop.call_later(interval, queue.put_nowait, _KEEPALIVE)
             try:
-                chunk = pending.result()
-            except StopAsyncIteration:
-                return
+                item = await queue.get()
             finally:
-                pending = None
-            yield chunk
+                if timer is not None:
+                    timer.cancel()
+            if item is _END:
+                return
+            if item is _KEEPALIVE:
+                yield b":\n\n"
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield item
     finally:
-        if pending is not None:
-            pending.cancel()
+        if not reader.done():
+            reader.cancel()
             try:
-                await pending
-            except (asyncio.CancelledError, StopAsyncIteration, Exception):  # noqa: BLE001 — already handled
+                await reader
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001 — already handled
                 pass
         await events.aclose()
