@@ -1,4 +1,5 @@
-"""The request lifecycle every generation route shares: validate → take a permit → generate or stream → metrics.
+"""The request lifecycle every generation route shares (`RequestLifecycle`: validate → take a permit → generate or
+stream → metrics, log and trace once, by outcome), and the HTTP helpers around it.
 
 Route modules (native TGI, OpenAI) only convert their request shapes into `GenerateParameters` and the results
 into their response shapes.
@@ -7,6 +8,7 @@ into their response shapes.
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import os
 import time
@@ -43,33 +45,107 @@ def compute_type() -> str:
     return os.environ.get("COMPUTE_TYPE", "cpu")
 
 
-async def validated(
-    state: RouterState, inputs: str, params: GenerateParameters, *, stream: bool, add_special_tokens: bool = True,
-    full_text_default: bool = False,
-) -> ValidatedRequest:
-    state.metrics.request_count.inc()  # TGI counts the inner generate too (chat and completions count twice)
-    if state.draining:
-        raise UnavailableError("Server is shutting down")
-    try:
+class Outcome(enum.Enum):
+    """How one generation ended; its metrics, log line and trace span follow from it (`RequestLifecycle`)."""
+
+    SUCCESS = "success"
+    VALIDATION = "validation"
+    OVERLOADED = "overloaded"
+    GENERATION = "generation"
+    TEMPLATE = "template"
+    INCOMPLETE = "incomplete"
+    DROPPED = "dropped"  # the client went away
+    UNAVAILABLE = "unavailable"  # the server is draining: not a failure of the request
+
+    @classmethod
+    def of(cls, err: BaseException | None) -> Outcome:
+        if err is None:
+            return cls.SUCCESS
+        if isinstance(err, (asyncio.CancelledError, GeneratorExit)):
+            return cls.DROPPED
+        if isinstance(err, InferError):
+            return _OUTCOME_OF_ERROR.get(err.error_type, cls.INCOMPLETE)
+        return cls.INCOMPLETE  # a bug: the route reports it to the client as an incomplete generation
+
+
+_OUTCOME_OF_ERROR = {
+    "validation": Outcome.VALIDATION, "overloaded": Outcome.OVERLOADED, "generation": Outcome.GENERATION,
+    "template_error": Outcome.TEMPLATE, "unavailable": Outcome.UNAVAILABLE,
+}
+
+
+class RequestLifecycle:
+    """One generation request, validate → take permits → generate or stream → finish, as an async context:
+
+        async with RequestLifecycle(state) as life:
+            vreq = await life.validate(inputs, params, stream=False)
+            results = await life.generate(vreq, vreq.best_of)     # or: async for item in life.stream(vreq)
+
+    The only writer of a request's metrics, log line and trace span: recorded once, on exit, from the outcome
+    (an exception leaving the block, a cancellation, or success). Routes only adapt shapes."""
+
+    def __init__(self, state: RouterState):
+        self.state = state
+        self.timings = Timings()
+        self.results: list[GenerationResult] = []
+
+    async def __aenter__(self) -> RequestLifecycle:
+        return self
+
+    async def __aexit__(self, exc_type, exc: BaseException | None, tb) -> bool:
+        outcome = Outcome.of(exc)
+        if outcome is Outcome.SUCCESS and not self.results:
+            outcome = Outcome.INCOMPLETE
+        self._record(outcome, exc)
+        return False
+
+    async def validate(self, inputs: str, params: GenerateParameters, *, stream: bool, add_special_tokens: bool = True,
+                       full_text_default: bool = False) -> ValidatedRequest:
+        state = self.state
+        state.metrics.request_count.inc()  # TGI counts the inner generate too (chat and completions count twice)
+        if state.draining:
+            raise UnavailableError("Server is shutting down")
         vreq = await validate(inputs, params, state.tokenizer, state.limits, stream=stream,
                               add_special_tokens=add_special_tokens, return_full_text_default=full_text_default)
-    except ValidationError:
-        state.metrics.request_failure.labels("validation").inc()
-        raise
-    state.metrics.input_length.observe(vreq.input_length)
-    state.metrics.max_new_tokens.observe(vreq.params.max_new_tokens or 0)
-    return vreq
+        if vreq.best_of > state.limits.max_best_of:
+            raise ValidationError(f"`best_of` must be > 0 and <= {state.limits.max_best_of}. Given: {vreq.best_of}")
+        state.metrics.input_length.observe(vreq.input_length)
+        state.metrics.max_new_tokens.observe(vreq.params.max_new_tokens or 0)
+        self.timings.validated = time.monotonic()
+        return vreq
+
+    async def generate(self, vreq: ValidatedRequest, n: int = 1) -> list[GenerationResult]:
+        """`n` generations of one request (TGI's best_of), each holding a concurrency permit; all permits are taken
+        at once or none (429). If one fails, the others are cancelled (and aborted in the engine)."""
+        with self.state.permit(n):
+            t = self.timings
+            copies = [Timings(t.start, t.validated) for _ in range(n - 1)] + [t]
+            self.results = list(await asyncio.gather(*(self.state.generator.generate(vreq, c) for c in copies)))
+        return self.results
+
+    async def stream(self, vreq: ValidatedRequest) -> AsyncIterator[StreamItem]:
+        """A permitted token stream; closing it (client gone) aborts the request in the engine, which frees its KV
+        blocks."""
+        with self.state.permit():
+            async with aclosing(self.state.generator.stream(vreq, self.timings)) as items:
+                async for item in items:
+                    if item.result is not None:
+                        self.results.append(item.result)
+                    yield item
+
+    def _record(self, outcome: Outcome, err: BaseException | None) -> None:
+        if outcome is Outcome.SUCCESS:
+            for result in self.results:
+                _record_success(self.state, result)
+            return
+        if outcome is not Outcome.UNAVAILABLE:
+            self.state.metrics.request_failure.labels(outcome.value).inc()
+        message = err.message if isinstance(err, InferError) else \
+            "client disconnected" if outcome is Outcome.DROPPED else f"{type(err).__name__}: {err}"
+        self.timings.finish_trace({}, error=message)
 
 
-def count_failure(state: RouterState, err: InferError) -> None:
-    """Validation and overload failures are counted where they are raised; the rest here."""
-    if err.error_type in ("validation", "overloaded"):
-        return
-    label = {"generation": "generation", "template_error": "template"}.get(err.error_type, "incomplete")
-    state.metrics.request_failure.labels(label).inc()
-
-
-def record_success(state: RouterState, result: GenerationResult) -> None:
+def _record_success(state: RouterState, result: GenerationResult) -> None:
     m, t = state.metrics, result.timings
     # One line per request with its timings and sizes; the prompt and output text only at debug level.
     logger.info(
@@ -99,61 +175,22 @@ def record_success(state: RouterState, result: GenerationResult) -> None:
     m.generated_tokens.observe(result.generated_tokens)
 
 
-async def generate_many(state: RouterState, vreq: ValidatedRequest, timings: Timings, n: int = 1
-                        ) -> list[GenerationResult]:
-    """`n` generations of one request (TGI's best_of), each holding a concurrency permit; all permits are taken
-    at once or none (429). If one fails, the others are cancelled (and aborted in the engine)."""
-    try:
-        with state.permit(n):
-            copies = [Timings(timings.start, timings.validated) for _ in range(n - 1)] + [timings]
-            results = await asyncio.gather(*(state.generator.generate(vreq, t) for t in copies))
-    except InferError as err:
-        count_failure(state, err)
-        timings.finish_trace({}, error=err.message)
-        raise
-    for result in results:
-        record_success(state, result)
-    return results
-
-
-async def stream_items(state: RouterState, vreq: ValidatedRequest, timings: Timings) -> AsyncIterator[StreamItem]:
-    """A permitted token stream; InferErrors propagate for the caller to shape. Closing it (client gone) aborts
-    the request in the engine, which frees its KV blocks."""
-    try:
-        with state.permit():
-            async with aclosing(state.generator.stream(vreq, timings)) as items:
-                async for item in items:
-                    if item.result is not None:
-                        record_success(state, item.result)
-                    yield item
-    except InferError as err:
-        count_failure(state, err)
-        timings.finish_trace({}, error=err.message)
-        raise
-    except (GeneratorExit, asyncio.CancelledError):
-        state.metrics.request_failure.labels("dropped").inc()
-        timings.finish_trace({}, error="client disconnected")
-        raise
-
-
 async def generate_text(state: RouterState, inputs: str, params: GenerateParameters, *, add_special_tokens: bool
                         ) -> GenerationResult:
     """Validate and run one generation (the OpenAI routes' unit of work)."""
-    timings = Timings()
-    vreq = await validated(state, inputs, params, stream=False, add_special_tokens=add_special_tokens)
-    timings.validated = time.monotonic()
-    return (await generate_many(state, vreq, timings))[0]
+    async with RequestLifecycle(state) as life:
+        vreq = await life.validate(inputs, params, stream=False, add_special_tokens=add_special_tokens)
+        return (await life.generate(vreq))[0]
 
 
 async def stream_text(state: RouterState, inputs: str, params: GenerateParameters, *, add_special_tokens: bool
                       ) -> AsyncIterator[StreamItem]:
     """Validate and stream one generation; errors propagate for the caller to shape."""
-    timings = Timings()
-    vreq = await validated(state, inputs, params, stream=True, add_special_tokens=add_special_tokens)
-    timings.validated = time.monotonic()
-    async with aclosing(stream_items(state, vreq, timings)) as items:
-        async for item in items:
-            yield item
+    async with RequestLifecycle(state) as life:
+        vreq = await life.validate(inputs, params, stream=True, add_special_tokens=add_special_tokens)
+        async with aclosing(life.stream(vreq)) as items:
+            async for item in items:
+                yield item
 
 
 async def until_disconnected(request: Request, state: RouterState, work: Awaitable[T]) -> T:
@@ -166,8 +203,7 @@ async def until_disconnected(request: Request, state: RouterState, work: Awaitab
             if done:
                 return task.result()
             if await request.is_disconnected():
-                state.metrics.request_failure.labels("dropped").inc()
-                raise asyncio.CancelledError("client disconnected")
+                raise asyncio.CancelledError("client disconnected")  # the work's lifecycle records it as dropped
     finally:
         if not task.done():
             task.cancel()

@@ -71,8 +71,7 @@ class RouterState:
     def permit(self, count: int = 1) -> Iterator[None]:
         """TGI's non-blocking try-acquire of `max_concurrent_requests`: no free permit → 429 at once."""
         if not self.permits.try_acquire(count):
-            self.metrics.request_failure.labels("overloaded").inc()
-            raise OverloadedError()
+            raise OverloadedError()  # counted by the request's lifecycle (router/handlers.py)
         try:
             yield
         finally:

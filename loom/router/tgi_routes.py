@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
@@ -14,17 +14,15 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from loom import __version__
 from loom.router.state import RouterState, parse_body
 from loom.router.errors import IncompleteGenerationStreamError, InferError, ValidationError
-from loom.router.generation import GenerationResult, StreamItem, Timings
+from loom.router.generation import GenerationResult, StreamItem
 from loom.router.handlers import (
+    RequestLifecycle,
     body_schema,
-    generate_many,
     response_headers,
     sse_response,
     state_of,
-    stream_items,
     tokens_with_offsets,
     until_disconnected,
-    validated,
 )
 from loom.router.metrics import render
 from loom.router.schemas import CompatGenerateRequest, GenerateRequest
@@ -57,12 +55,9 @@ def details_dict(result: GenerationResult, best_of_sequences: list[dict] | None 
 
 async def generate_json(state: RouterState, body: GenerateRequest, full_text_default: bool) -> tuple[dict, dict]:
     """Validate, generate (`best_of` copies when asked, the best by mean logprob wins) and shape the response."""
-    timings = Timings()
-    vreq = await validated(state, body.inputs, body.parameters, stream=False, full_text_default=full_text_default)
-    timings.validated = time.monotonic()
-    if vreq.best_of > state.limits.max_best_of:
-        raise ValidationError(f"`best_of` must be > 0 and <= {state.limits.max_best_of}. Given: {vreq.best_of}")
-    results = await generate_many(state, vreq, timings, vreq.best_of)
+    async with RequestLifecycle(state) as life:
+        vreq = await life.validate(body.inputs, body.parameters, stream=False, full_text_default=full_text_default)
+        results = await life.generate(vreq, vreq.best_of)
     best = max(results, key=lambda r: r.mean_logprob)
     response: dict = {"generated_text": best.generated_text}
     if vreq.details:
@@ -99,19 +94,18 @@ def stream_event(index: int, item: StreamItem, details: bool) -> dict:
 
 async def native_stream(state: RouterState, body: GenerateRequest, full_text_default: bool) -> AsyncIterator[bytes]:
     """TGI streams every error inside the event stream (status 200, headers already sent)."""
-    timings = Timings()
     try:
-        vreq = await validated(state, body.inputs, body.parameters, stream=True, full_text_default=full_text_default)
-        timings.validated = time.monotonic()
-        index = 0
-        async for item in stream_items(state, vreq, timings):
-            index += 1
-            yield sse_data(compact(stream_event(index, item, vreq.details)))
+        async with RequestLifecycle(state) as life:
+            vreq = await life.validate(body.inputs, body.parameters, stream=True, full_text_default=full_text_default)
+            index = 0
+            async with aclosing(life.stream(vreq)) as items:
+                async for item in items:
+                    index += 1
+                    yield sse_data(compact(stream_event(index, item, vreq.details)))
     except InferError as err:
         yield sse_data(compact(err.body()))
-    except Exception:  # a bug: tell the client inside the stream rather than cutting the connection
+    except Exception:  # a bug (counted as incomplete): tell the client inside the stream, not by cutting it
         logger.exception("stream failed")
-        state.metrics.request_failure.labels("incomplete").inc()
         yield sse_data(compact(IncompleteGenerationStreamError().body()))
 
 
