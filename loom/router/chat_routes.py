@@ -38,6 +38,7 @@ from loom.router.openai_common import (
 )
 from loom.router.openai_schemas import ChatRequest
 from loom.router.schemas import GenerateParameters
+from loom.router.response_schemas import ERRORS, ChatCompletion, json_doc
 from loom.router.streams import compact, sse_data
 from loom.router.tools import (
     NO_TOOL,
@@ -179,7 +180,9 @@ async def chat(request: Request, state: RouterState, body: ChatRequest) -> Respo
     return await _chat_json(request, state, body, plan, model)
 
 
-@router.post("/v1/chat/completions", openapi_extra=body_schema(ChatRequest), tags=["OpenAI"])
+@router.post("/v1/chat/completions", openapi_extra=body_schema(ChatRequest), tags=["OpenAI"], responses={
+    200: json_doc(ChatCompletion, "A chat completion (an event stream of ChatCompletionChunk with stream: true)"),
+    **ERRORS})
 async def chat_completions(request: Request) -> Response:
     body = await parse_body(request, ChatRequest)
     return await chat(request, state_of(request), body)

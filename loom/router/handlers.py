@@ -20,6 +20,7 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 from transformers import PreTrainedTokenizerBase
 
+from loom.router.response_schemas import inline_schema
 from loom.router.state import RouterState
 from loom.router.errors import InferError, UnavailableError, ValidationError
 from loom.router.generation import GenerationResult, StreamItem, Timings
@@ -38,7 +39,7 @@ def state_of(request: Request) -> RouterState:
 
 def body_schema(model) -> dict:
     """OpenAPI request body for routes that parse their JSON themselves (to keep TGI's rejection statuses)."""
-    return {"requestBody": {"content": {"application/json": {"schema": model.model_json_schema()}}, "required": True}}
+    return {"requestBody": {"content": {"application/json": {"schema": inline_schema(model)}}, "required": True}}
 
 
 def compute_type() -> str:

@@ -35,6 +35,7 @@ from loom.router.handlers import (
 from loom.router.openai_common import DONE, adapter, openai_error, openai_finish, sampling, usage
 from loom.router.openai_schemas import ChatRequest, CompletionRequest, SagemakerRequest
 from loom.router.schemas import CompatGenerateRequest, GenerateParameters
+from loom.router.response_schemas import ERRORS, ChatTokenizeResponse, Completion, ModelList, json_doc
 from loom.router.streams import compact, sse_data
 
 logger = logging.getLogger(__name__)
@@ -156,7 +157,8 @@ async def _completions(request: Request, state: RouterState, req: CompletionRequ
     return await until_disconnected(request, state, _completions_json(state, req.prompt, params))
 
 
-@router.post("/v1/completions", openapi_extra=body_schema(CompletionRequest), tags=["OpenAI"])
+@router.post("/v1/completions", openapi_extra=body_schema(CompletionRequest), tags=["OpenAI"], responses={
+    200: json_doc(Completion, "A completion (an event stream of Completion events with stream: true)"), **ERRORS})
 async def completions(request: Request) -> Response:
     return await _completions(request, state_of(request), await parse_body(request, CompletionRequest))
 
@@ -165,7 +167,8 @@ async def completions(request: Request) -> Response:
 # /chat_tokenize, /invocations, /v1/models
 
 
-@router.post("/chat_tokenize", openapi_extra=body_schema(ChatRequest), tags=["Text Generation Inference"])
+@router.post("/chat_tokenize", openapi_extra=body_schema(ChatRequest), tags=["Text Generation Inference"],
+             responses={200: json_doc(ChatTokenizeResponse, "The templated prompt and its tokens"), **ERRORS})
 async def chat_tokenize(request: Request) -> Response:
     state = state_of(request)
     chat = await parse_body(request, ChatRequest)
@@ -175,7 +178,9 @@ async def chat_tokenize(request: Request) -> Response:
     return JSONResponse({"tokenize_response": tokens, "templated_text": plan.prompt})
 
 
-@router.post("/invocations", openapi_extra=body_schema(SagemakerRequest), tags=["Text Generation Inference"])
+@router.post("/invocations", openapi_extra=body_schema(SagemakerRequest), tags=["Text Generation Inference"],
+             responses={200: {"description": "The response of the route the body's shape selects: POST /, "
+                                             "/v1/chat/completions or /v1/completions"}, **ERRORS})
 async def invocations(request: Request) -> Response:
     """SageMaker: `inputs` → POST / (compat), `messages` → chat, `prompt` → completions."""
     try:
@@ -192,7 +197,7 @@ async def invocations(request: Request) -> Response:
     return await _completions(request, state_of(request), body)
 
 
-@router.get("/v1/models", tags=["OpenAI"])
+@router.get("/v1/models", tags=["OpenAI"], responses={200: json_doc(ModelList, "The served model")})
 async def models(request: Request) -> JSONResponse:
     model_id = request.app.state.loom.config.model_id
     return JSONResponse({"object": "list", "data": [

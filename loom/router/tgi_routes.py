@@ -26,6 +26,16 @@ from loom.router.handlers import (
 )
 from loom.router.metrics import render
 from loom.router.schemas import CompatGenerateRequest, GenerateRequest
+from loom.router.response_schemas import (
+    ERRORS,
+    CompatGenerateResponse,
+    ErrorResponse,
+    Info,
+    TokenizeResponse,
+    json_doc,
+    sse_doc,
+)
+from loom.router.schemas import GenerateResponse, StreamResponse
 from loom.router.streams import compact, sse_data
 
 logger = logging.getLogger(__name__)
@@ -66,7 +76,8 @@ async def generate_json(state: RouterState, body: GenerateRequest, full_text_def
     return response, response_headers([best], len(body.inputs))
 
 
-@router.post("/generate", openapi_extra=body_schema(GenerateRequest), tags=TAGS)
+@router.post("/generate", openapi_extra=body_schema(GenerateRequest), tags=TAGS,
+             responses={200: json_doc(GenerateResponse, "Generated text"), **ERRORS})
 async def generate(request: Request) -> Response:
     state = state_of(request)
     body = await parse_body(request, GenerateRequest)
@@ -109,14 +120,17 @@ async def native_stream(state: RouterState, body: GenerateRequest, full_text_def
         yield sse_data(compact(IncompleteGenerationStreamError().body()))
 
 
-@router.post("/generate_stream", openapi_extra=body_schema(GenerateRequest), tags=TAGS)
+@router.post("/generate_stream", openapi_extra=body_schema(GenerateRequest), tags=TAGS,
+             responses={200: sse_doc(StreamResponse, "Generated tokens, one event each"), **ERRORS})
 async def generate_stream(request: Request) -> Response:
     state = state_of(request)
     body = await parse_body(request, GenerateRequest)
     return sse_response(native_stream(state, body, full_text_default=False), len(body.inputs))
 
 
-@router.post("/", openapi_extra=body_schema(CompatGenerateRequest), tags=TAGS)
+@router.post("/", openapi_extra=body_schema(CompatGenerateRequest), tags=TAGS, responses={
+    200: json_doc(CompatGenerateResponse, "Generated text (an event stream of StreamResponse with stream: true)"),
+    **ERRORS})
 async def compat_generate(request: Request) -> Response:
     """The `text-generation` and `huggingface_hub` clients post here. Non-stream answers are a JSON array."""
     state = state_of(request)
@@ -133,7 +147,8 @@ async def compat_generate(request: Request) -> Response:
 # /tokenize, /info, /health, /ping, /metrics
 
 
-@router.post("/tokenize", openapi_extra=body_schema(GenerateRequest), tags=TAGS)
+@router.post("/tokenize", openapi_extra=body_schema(GenerateRequest), tags=TAGS,
+             responses={200: json_doc(TokenizeResponse, "Tokens with offsets"), 422: ERRORS[422]})
 async def tokenize(request: Request) -> Response:
     state = state_of(request)
     body = await parse_body(request, GenerateRequest)
@@ -156,7 +171,7 @@ def info_dict(state: RouterState) -> dict:
     }
 
 
-@router.get("/info", tags=TAGS)
+@router.get("/info", tags=TAGS, responses={200: json_doc(Info, "Served model info")})
 async def info(request: Request) -> JSONResponse:
     return JSONResponse(info_dict(state_of(request)))
 
@@ -175,11 +190,14 @@ async def health(request: Request) -> Response:
     return Response(status_code=200) if report.ok else unhealthy
 
 
-router.add_api_route("/health", health, methods=["GET"], tags=TAGS)
-router.add_api_route("/ping", health, methods=["GET"], tags=TAGS)
-router.add_api_route("/", health, methods=["GET"], tags=TAGS, name="health_root")
+HEALTH_RESPONSES = {200: {"description": "Everything is working fine"},
+                    503: json_doc(ErrorResponse, "Text generation inference is down")}
+router.add_api_route("/health", health, methods=["GET"], tags=TAGS, responses=HEALTH_RESPONSES)
+router.add_api_route("/ping", health, methods=["GET"], tags=TAGS, responses=HEALTH_RESPONSES)
+router.add_api_route("/", health, methods=["GET"], tags=TAGS, name="health_root", responses=HEALTH_RESPONSES)
 
 
-@router.get("/metrics", tags=TAGS)
+@router.get("/metrics", tags=TAGS, responses={200: {"description": "Prometheus metrics",
+                                                 "content": {"text/plain": {"schema": {"type": "string"}}}}})
 async def metrics(request: Request) -> Response:
     return Response(render(state_of(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
