@@ -51,13 +51,36 @@ def normalise_hf_config(hf: dict[str, Any]) -> dict[str, Any]:
                 if alias in out:
                     out[name] = out[alias]
                     break
-    if "num_key_value_heads" not in out:
-        if out.get("model_type") == "falcon":
-            if out.get("new_decoder_architecture"):
-                out["num_key_value_heads"] = out.get("num_kv_heads") or out["num_attention_heads"]
-            elif out.get("multi_query", True):
-                out["num_key_value_heads"] = 1
+    # Each family's KV head count as its transformers class reads it: GPT-2 and GPT-NeoX are multi-head (their
+    # classes ignore a stray `num_key_value_heads`), Falcon has its own keys; the rest read num_key_value_heads.
+    model_type = out.get("model_type")
+    if model_type in _MULTI_HEAD_ONLY and "num_attention_heads" in out:
+        out["num_key_value_heads"] = out["num_attention_heads"]
+    elif model_type == "falcon":
+        if out.get("new_decoder_architecture"):
+            out["num_key_value_heads"] = out.get("num_kv_heads") or out["num_attention_heads"]
+        elif out.get("multi_query", True):
+            out["num_key_value_heads"] = 1
+        else:
+            out["num_key_value_heads"] = out["num_attention_heads"]
     return out
+
+
+# model types whose transformers attention has as many key/value heads as query heads, whatever config.json says
+_MULTI_HEAD_ONLY = frozenset({"gpt2", "gpt_neox"})
+
+
+def architecture_of(hf_config: dict[str, Any]) -> str | None:
+    """The class name to build: config.json's first `architectures` entry, or, without one (a config transformers
+    wrote for a model loaded from GGUF, say), the causal-LM class transformers' AutoModelForCausalLM picks for the
+    `model_type`."""
+    archs = hf_config.get("architectures") or []
+    if archs:
+        return str(archs[0])
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(hf_config.get("model_type", ""))
+    return name if isinstance(name, str) else None
 
 
 @dataclass(frozen=True)
@@ -81,14 +104,16 @@ class ModelConfig:
         if not cfg_file.is_file():
             raise FileNotFoundError(f"No config.json in model directory {path}")
         hf_config = normalise_hf_config(json.loads(cfg_file.read_text()))
-        archs = hf_config.get("architectures") or []
-        if not archs:
-            raise ValueError(f"{cfg_file} has no `architectures` entry; cannot pick a model implementation")
+        architecture = architecture_of(hf_config)
+        if architecture is None:
+            raise ValueError(f"{cfg_file} has no `architectures` entry and its model_type "
+                             f"{hf_config.get('model_type')!r} names no causal language model; cannot pick a model "
+                             "implementation")
         max_len = int(hf_config.get("max_position_embeddings") or hf_config.get("n_positions") or 4096)
         from loom.quantization.methods import check_checkpoint
 
         quantize = check_checkpoint(quantize, hf_config, path)
-        return cls(path, hf_config, resolve_dtype(dtype, hf_config), archs[0], max_len, quantize)
+        return cls(path, hf_config, resolve_dtype(dtype, hf_config), architecture, max_len, quantize)
 
     def get(self, key: str, default: Any = None) -> Any:
         return self.hf_config.get(key, default)
