@@ -16,9 +16,8 @@ from loom.config import EngineConfig, ModelConfig
 from loom.distributed.parallel_state import get_tp_group
 from loom.models.registry import check_tensor_parallel
 from loom.engine.core import EngineCore
-from loom.protocol.outputs import FinishReason
 from loom.sampling_params import SamplingParams
-from loom.tokenizer import IncrementalDetokenizer, StopSequences
+from loom.tokenizer import TextStream, finish_reason
 
 Prompt = Union[str, Sequence[int]]
 
@@ -92,7 +91,7 @@ class LLM:
         prompt_list = _as_prompt_list(prompts)
         param_list = _as_param_list(params, len(prompt_list))
         results: dict[str, GenerationResult] = {}
-        texts: dict[str, tuple[IncrementalDetokenizer, StopSequences]] = {}
+        texts: dict[str, TextStream] = {}
         order = []
         try:
             for prompt, p in zip(prompt_list, param_list):
@@ -104,7 +103,7 @@ class LLM:
                     logprobs=[] if p.details else None, top_tokens=[] if p.top_n_tokens else None,
                 )
                 if p.stop:  # stop sequences are text: matched here, as the router does
-                    texts[rid] = (IncrementalDetokenizer.for_prompt(self.tokenizer, ids), StopSequences(tuple(p.stop)))
+                    texts[rid] = TextStream.for_request(self.tokenizer, ids, p.stop)
                 order.append(rid)
             self._run(results, texts, use_tqdm if use_tqdm is not None else len(order) >= 32)
         except BaseException:
@@ -116,7 +115,7 @@ class LLM:
         return [results[rid] for rid in order]
 
     def _run(self, results: dict[str, GenerationResult],
-             texts: dict[str, tuple[IncrementalDetokenizer, StopSequences]], show_progress: bool) -> None:
+             texts: dict[str, TextStream], show_progress: bool) -> None:
         bar = tqdm(total=len(results), desc="generating", unit="req", disable=not show_progress)
         with bar:
             while self.engine.has_unfinished():
@@ -130,11 +129,12 @@ class LLM:
                             r.logprobs.append(out.new_logprobs[i])
                         if r.top_tokens is not None:
                             r.top_tokens.append(out.new_top_tokens[i])
-                        reason = out.finish_reason if out.finished and i == len(out.new_token_ids) - 1 else None
+                        last = out.finished and i == len(out.new_token_ids) - 1
                         text = texts.get(out.request_id)
-                        if reason is None and text is not None and text[1].push(text[0].push(token)):
-                            reason = FinishReason.STOP_SEQUENCE
-                            self.engine.abort_request(out.request_id)
+                        stopped = text.push(token)[1] if text is not None else None
+                        reason = finish_reason(out.finish_reason if last else None, stopped)
+                        if reason is not None and not last:
+                            self.engine.abort_request(out.request_id)  # a stop sequence: the engine runs on
                         if reason is not None:
                             r.finish_reason = reason.value
                             r.num_cached_tokens = out.num_cached_tokens

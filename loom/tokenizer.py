@@ -9,6 +9,8 @@ from typing import Any
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from loom.protocol.outputs import FinishReason
+
 
 def load_tokenizer(model_dir: str | Path) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(str(model_dir))
@@ -108,3 +110,27 @@ class StopSequences:
         if len(self.text) > _STOP_BUFFER_MAX:
             self.text = self.text[-_STOP_BUFFER_KEEP:]
         return any(self.text.endswith(s) for s in self.stop)
+
+
+@dataclass(slots=True)
+class TextStream:
+    """One request's generated text as it grows, where text is made (the router, loom.LLM): each token's delta,
+    and whether a stop sequence now ends the text."""
+
+    detokenizer: IncrementalDetokenizer
+    stops: StopSequences | None
+
+    @classmethod
+    def for_request(cls, tokenizer: PreTrainedTokenizerBase, prompt_ids: list[int], stop: list[str]) -> TextStream:
+        return cls(IncrementalDetokenizer.for_prompt(tokenizer, prompt_ids), StopSequences(tuple(stop)) if stop else None)
+
+    def push(self, token_id: int) -> tuple[str, FinishReason | None]:
+        """This token's text, and STOP_SEQUENCE when the text now ends with a stop sequence."""
+        text = self.detokenizer.push(token_id)
+        stopped = self.stops is not None and self.stops.push(text)
+        return text, FinishReason.STOP_SEQUENCE if stopped else None
+
+
+def finish_reason(engine_reason: FinishReason | None, text_reason: FinishReason | None) -> FinishReason | None:
+    """TGI's priority on one token: the engine's (length, then EOS) before a stop sequence matched on the text."""
+    return engine_reason if engine_reason is not None else text_reason

@@ -20,7 +20,7 @@ from loom.router.engine_client import EngineClient, EngineError
 from loom.router.errors import GenerationError, IncompleteGenerationError, ValidationError
 from loom.router.validation import ValidatedRequest
 from loom import tracing
-from loom.tokenizer import IncrementalDetokenizer, StopSequences
+from loom.tokenizer import TextStream, finish_reason
 
 
 @dataclass(slots=True)
@@ -135,8 +135,7 @@ class Generator:
         prompt_logprobs = req.decoder_input_details and self.enable_prefill_logprobs
         handle = self.engine.submit(uuid.uuid4().hex, req.prompt_token_ids, req.params, prompt_logprobs,
                                     tracing.carrier_of(timings.span))
-        detok = IncrementalDetokenizer.for_prompt(self.tokenizer, req.prompt_token_ids)
-        stops = StopSequences(tuple(req.params.stop)) if req.params.stop else None
+        text = TextStream.for_request(self.tokenizer, req.prompt_token_ids, req.params.stop)
         tokens: list[TokenInfo] = []
         tops: list[list[TokenInfo]] = []
         prefill: list[dict] = []
@@ -147,14 +146,14 @@ class Generator:
                 if out.prompt_logprobs is not None:
                     prefill = self._prefill(req.prompt_token_ids, out.prompt_logprobs)
                 for i, tid in enumerate(out.new_token_ids):
-                    tok = self.token(tid, detok.push(tid), out.new_logprobs[i])
+                    delta, stopped = text.push(tid)
+                    tok = self.token(tid, delta, out.new_logprobs[i])
                     top = [self.token(t, self.tokenizer.decode([t]), lp) for t, lp in out.new_top_tokens[i]] \
                         if i < len(out.new_top_tokens) else []
                     tokens.append(tok)
                     tops.append(top)
-                    reason = out.finish_reason if out.finished and i == len(out.new_token_ids) - 1 else None
-                    if reason is None and stops is not None and stops.push(tok.text):
-                        reason = FinishReason.STOP_SEQUENCE  # the engine is told to stop: `release` aborts it
+                    last = out.finished and i == len(out.new_token_ids) - 1
+                    reason = finish_reason(out.finish_reason if last else None, stopped)  # stopped: `release` aborts
                     result = self._result(req, out, reason, tokens, tops, prefill, timings) if reason else None
                     yield StreamItem(tok, top, result)
                     if reason is not None:

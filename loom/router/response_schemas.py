@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, RootModel
 
-from loom.router.schemas import GenerateResponse, StreamResponse
+from loom.router.schemas import GenerateResponse
 
 
 class _Strict(BaseModel):

@@ -23,8 +23,6 @@ from __future__ import annotations
 from functools import cache
 from types import ModuleType
 
-import torch
-
 from loom.layers.kernels.build import cpu_flags, kernel_source, load_kernel
 
 _SOURCE = kernel_source("quant_gemm_cpu.cpp")
