@@ -157,3 +157,4 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     kv_memory_fraction: float = 0.25  # share of available RAM the default KV budget may take
     seed: int = 0  # seeds the engine's own RNG (random per-request seeds come from `random`)
+    speculate: int = 0  # most draft tokens verified per request and step (n-gram prompt lookup); 0 = off

@@ -72,6 +72,7 @@ def build_run_config(args: dict[str, Any], model_id: str, model_dir: Path, run_d
         max_batch_total_tokens=args["max_batch_total_tokens"],
         max_batch_size=args["max_batch_size"] or 256,
         max_total_tokens=args["max_total_tokens"],
+        speculate=args["speculate"] or 0,
     )
     router = RouterSettings(
         model_id=model_id, model_dir=str(model_dir), hostname=args["hostname"], port=args["port"],

@@ -56,6 +56,9 @@ SUPPORTED: list[tuple[str, Any, Any, str]] = [
     ("--max-batch-total-tokens", int, None, "KV cache capacity in tokens (default: from available memory)"),
     ("--max-waiting-tokens", int, 20, "Accepted for compatibility; ignored with chunked prefill, as in TGI"),
     ("--max-batch-size", int, None, "Most sequences in one engine step (default 256)"),
+    ("--speculate", int, None, "Speculative decoding: up to N draft tokens per request and step, from n-gram "
+                               "lookup in the request's own tokens, verified in the same forward (outputs "
+                               "unchanged); the engine verifies only the drafts its cost model finds worth it"),
     ("--validation-workers", int, 2, "Reported by /info; tokenization runs in a thread pool"),
     ("--api-key", str, None, "Require `Authorization: Bearer <key>` on generation routes"),
     ("--cors-allow-origin", str, None, "Allowed CORS origin (repeatable; default any)"),
@@ -77,9 +80,11 @@ SUPPORTED: list[tuple[str, Any, Any, str]] = [
                                                                      "(the engine's: the same with .server)"),
 ]
 
+# More drafts than this per step are never accepted often enough to pay for their rows.
+MAX_SPECULATE = 16
+
 # TGI flags Loom parses but refuses (with the reason) when set.
 UNSUPPORTED: dict[str, str] = {
-    "--speculate": "speculative decoding is not implemented yet",
     "--kv-cache-dtype": "fp8 KV cache is not implemented",
     "--trust-remote-code": "remote code is never executed: Loom runs its own model implementations",
     "--lora-adapters": "LoRA adapters are not implemented",
@@ -186,6 +191,8 @@ def _check(args: dict[str, Any], environ: dict[str, str]) -> dict[str, Any]:
         raise SystemExit("error: `validation_workers` must be > 0")
     if args["max_batch_size"] == 0:
         raise SystemExit("error: `max_batch_size` must be > 0")
+    if args["speculate"] is not None and not 0 <= args["speculate"] <= MAX_SPECULATE:
+        raise SystemExit(f"error: `speculate` must be between 0 and {MAX_SPECULATE}")
     if args["max_input_tokens"] is not None and args["max_total_tokens"] is not None \
             and args["max_input_tokens"] >= args["max_total_tokens"]:
         raise SystemExit("error: `max_input_tokens` must be < `max_total_tokens`")

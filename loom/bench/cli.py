@@ -17,15 +17,17 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="loom bench", description=__doc__)
     ap.add_argument("--url", default="http://127.0.0.1:3000", help="server to load (default: a local Loom)")
     ap.add_argument("--compare", help="a second server to run the same load against, alternating")
-    ap.add_argument("--api", choices=["openai", "tgi"], default="openai",
-                    help="openai: streaming /v1/completions; tgi: /generate_stream")
+    ap.add_argument("--api", choices=["openai", "chat", "tgi"], default="openai",
+                    help="openai: streaming /v1/completions; chat: /v1/chat/completions (the prompt as the user's "
+                         "message); tgi: /generate_stream")
     ap.add_argument("--model", default=None, help="`model` field for OpenAI servers (default: from /v1/models)")
     ap.add_argument("--tokenizer", help="tokenizer directory or hub id for exact prompt lengths "
                                         "(default: the model directory /info reports, if local)")
     ap.add_argument("--concurrency", type=int, nargs="+", help="closed-loop client counts (a sweep if several)")
     ap.add_argument("--request-rate", type=float, nargs="+", help="open-loop Poisson arrival rates (req/s)")
     ap.add_argument("--num-prompts", type=int, help="requests per load level (default: 4 × concurrency, min 8)")
-    ap.add_argument("--prompt-tokens", type=int, default=256)
+    ap.add_argument("--prompt-tokens", type=int, default=None,
+                    help="prompt length in tokens (default 256; with --dataset: the prompts as they are)")
     ap.add_argument("--output-tokens", type=int, default=128)
     ap.add_argument("--shared-prefix-tokens", type=int, default=0, help="tokens every prompt starts with")
     ap.add_argument("--dataset", help="prompts file: one per line, or JSONL with a `prompt` field")
@@ -37,6 +39,31 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--plot", help="write a latency-vs-throughput PNG to this file")
     ap.add_argument("--no-progress", action="store_true")
     return ap
+
+
+def speculation_counters(url: str) -> tuple[float, float] | None:
+    """(draft tokens verified, accepted) from a Loom server's /metrics; None for a server without them."""
+    try:
+        with urllib.request.urlopen(f"{url}/metrics", timeout=30) as resp:  # noqa: S310 — benchmark target
+            text = resp.read().decode()
+    except Exception:  # noqa: BLE001 — a peer without /metrics
+        return None
+    values = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in ("loom_spec_decode_draft_tokens", "loom_spec_decode_accepted_tokens"):
+            values[name] = float(value)
+    if len(values) != 2:
+        return None
+    return values["loom_spec_decode_draft_tokens"], values["loom_spec_decode_accepted_tokens"]
+
+
+def acceptance(before: tuple[float, float] | None, after: tuple[float, float] | None) -> dict:
+    """The speculation figures of one load level: draft tokens verified and the share accepted."""
+    if before is None or after is None or after[0] == before[0]:
+        return {"spec_draft_tokens": 0, "spec_acceptance": None}
+    drafted = after[0] - before[0]
+    return {"spec_draft_tokens": int(drafted), "spec_acceptance": (after[1] - before[1]) / drafted}
 
 
 def _get_json(url: str) -> dict:
@@ -67,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         args.concurrency = [1]
     urls = [args.url.rstrip("/")] + ([args.compare.rstrip("/")] if args.compare else [])
     tokenizer = _tokenizer(args, urls[0])
-    models = [args.model or (_get_json(f"{u}/v1/models")["data"][0]["id"] if args.api == "openai" else "")
+    models = [args.model or (_get_json(f"{u}/v1/models")["data"][0]["id"] if args.api != "tgi" else "")
               for u in urls]
     levels = [("c", c) for c in args.concurrency or []] + [("r", r) for r in args.request_rate or []]
     results: list[list[dict]] = [[] for _ in urls]
@@ -76,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.dataset:
             prompts = dataset_prompts(args.dataset, tokenizer, n, args.prompt_tokens, args.seed + i)
         else:
-            prompts = random_prompts(tokenizer, n, args.prompt_tokens, args.shared_prefix_tokens, args.seed + i)
+            prompts = random_prompts(tokenizer, n, args.prompt_tokens or 256, args.shared_prefix_tokens,
+                                     args.seed + i)
         for k, url in enumerate(urls):  # alternate servers at each level so drift affects both alike
             spec = LoadSpec(url, args.api, models[k], args.output_tokens, not args.no_ignore_eos,
                             concurrency=value if kind == "c" else None,
@@ -84,7 +112,10 @@ def main(argv: list[str] | None = None) -> int:
             if args.warmup:
                 warm = LoadSpec(url, args.api, models[k], 4, True, concurrency=1, api_key=args.api_key)
                 asyncio.run(run_load(warm, prompts[: args.warmup], show_progress=False))
-            results[k].append(asyncio.run(run_load(spec, prompts, not args.no_progress)).summary())
+            before = speculation_counters(url)
+            summary = asyncio.run(run_load(spec, prompts, not args.no_progress)).summary()
+            summary.update(acceptance(before, speculation_counters(url)))
+            results[k].append(summary)
     flat = [s for runs in results for s in runs]
     print_table(flat)
     if args.compare:

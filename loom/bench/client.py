@@ -1,4 +1,5 @@
-"""One streamed request against a TGI (`/generate_stream`) or OpenAI (`/v1/completions`) endpoint, timed."""
+"""One streamed request against a TGI (`/generate_stream`) or OpenAI (`/v1/completions`, `/v1/chat/completions`)
+endpoint, timed."""
 
 from __future__ import annotations
 
@@ -37,11 +38,13 @@ def request_body(api: str, prompt: str, output_tokens: int, model: str, ignore_e
         if ignore_eos:
             params["ignore_eos"] = True  # a Loom extension; TGI ignores unknown fields
         return "/generate_stream", {"inputs": prompt, "parameters": params}
-    body = {"model": model, "prompt": prompt, "max_tokens": output_tokens, "temperature": 0, "stream": True,
+    body = {"model": model, "max_tokens": output_tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
     if ignore_eos:
         body["ignore_eos"] = True  # Loom and vLLM honour it
-    return "/v1/completions", body
+    if api == "chat":  # the prompt is the user's message; the server applies the chat template
+        return "/v1/chat/completions", {**body, "messages": [{"role": "user", "content": prompt}]}
+    return "/v1/completions", {**body, "prompt": prompt}
 
 
 async def send(client: httpx.AsyncClient, base_url: str, api: str, prompt: str, output_tokens: int, model: str,

@@ -12,14 +12,17 @@ def _ms(x: float | None) -> str:
 
 def print_table(summaries: list[dict]) -> None:
     print(f"\n{'server':<28} {'load':<10} {'ok/all':>7} {'out tok/s':>9} {'req/s':>6} "
-          f"{'TTFT p50/p90/p99 ms':>21} {'TPOT p50/p90 ms':>16} {'ITL p50 ms':>10} {'E2E p50 s':>9}")
+          f"{'TTFT p50/p90/p99 ms':>21} {'TPOT p50/p90 ms':>16} {'ITL p50 ms':>10} {'E2E p50 s':>9} "
+          f"{'accept':>6}")
     for s in summaries:
         ttft = f"{_ms(s['ttft_p50'])}/{_ms(s['ttft_p90'])}/{_ms(s['ttft_p99'])}"
         tpot = f"{_ms(s['tpot_p50'])}/{_ms(s['tpot_p90'])}"
         e2e = "-" if s["e2e_p50"] is None else f"{s['e2e_p50']:.2f}"
+        rate = s.get("spec_acceptance")  # speculative drafts accepted (a Loom server with --speculate)
+        accept = "-" if rate is None else f"{rate * 100:.0f}%"
         print(f"{s['url'][-28:]:<28} {s['load']:<10} {s['completed']:>3}/{s['requests']:<3} "
               f"{s['output_throughput']:>9.1f} {s['request_throughput']:>6.2f} {ttft:>21} {tpot:>16} "
-              f"{_ms(s['itl_p50']):>10} {e2e:>9}")
+              f"{_ms(s['itl_p50']):>10} {e2e:>9} {accept:>6}")
         for err in s["errors"]:
             print(f"    error: {err}")
 

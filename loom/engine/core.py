@@ -21,6 +21,7 @@ from loom.engine.kv.kv_manager import KVCacheManager
 from loom.protocol.outputs import RequestOutput
 from loom.engine.request import Request
 from loom.engine.scheduler import Scheduler
+from loom.engine.speculation import Speculator, StepCost
 from loom.grammar.guide import GrammarGuide
 from loom.sampling_params import SamplingParams, check_max_new_tokens, check_token_budget, resolve_max_new_tokens
 from loom.tokenizer import eos_token_ids, load_tokenizer
@@ -71,6 +72,8 @@ class EngineCore:
         device: str = "cpu", quantize: str | None = None,
     ):
         self.config = config = config or EngineConfig()
+        if config.speculate < 0:
+            raise ValueError(f"speculate must be >= 0, got {config.speculate}")
         self.model_config = ModelConfig.from_dir(model_path, dtype, quantize)
         model_path = self.model_config.path  # a GGUF file's is the directory built from it
         self.tokenizer = load_tokenizer(model_path)
@@ -83,7 +86,8 @@ class EngineCore:
         if config.max_batch_prefill_tokens is None:
             self.config = config = replace(config, max_batch_prefill_tokens=self._default_prefill_budget(device))
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(config, self.kv)
+        self.speculator = self._speculator(device) if config.speculate > 0 else None
+        self.scheduler = Scheduler(config, self.kv, self.speculator)
         self.last_forward_seconds = 0.0  # the latest step's forward pass (the engine server reports it)
         self.grammar = GrammarGuide(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
         logger.info(
@@ -108,6 +112,21 @@ class EngineCore:
         logger.info("max_batch_prefill_tokens: %d (this machine computes ~%.0f tokens/s through the model's linear "
                     "layers; about one second per step, as TGI infers it)", budget, tokens_per_second)
         return budget
+
+    def _speculator(self, device: str) -> Speculator:
+        """n-gram speculation, with a cost model from this machine's linear layers timed at a few row counts
+        (about as long as a forward of each; the rest of a step's time is learnt from the steps that run)."""
+        speculate = self.config.speculate
+        cost = None
+        if torch.device(device).type == "cpu":
+            rows = sorted({1, 2, 4, 8, 16, 32, 64, 128, 256} | {min(512, self.config.max_batch_size * (speculate + 1))})
+            seconds = self.runner.linear_seconds(rows)
+            if seconds:
+                cost = StepCost(seconds)
+                logger.info("speculation: up to %d n-gram draft tokens per request; linear layers take %s ms at %s "
+                            "rows", speculate, ", ".join(f"{seconds[r] * 1e3:.1f}" for r in rows),
+                            ", ".join(map(str, rows)))
+        return Speculator(speculate, cost)
 
     def add_request(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, prompt_logprobs: bool = False
@@ -143,24 +162,32 @@ class EngineCore:
         if not scheduled.seqs:
             return []
         plan = self.scheduler.make_plan(scheduled)
-        guided = [s.request for s in scheduled.seqs if s.samples and s.request.grammar is not None]
+        guided = [s for s in scheduled.seqs if s.samples and s.request.grammar is not None]
         masks = None
-        if guided:  # the masks depend only on the tokens so far: computed while the model runs
-            masks = GuidedMasks([r.request_id for r in guided], self.grammar.masks_async([r.grammar for r in guided]))
+        if guided:  # the masks depend only on the tokens so far (and the drafts): computed while the model runs
+            future = self.grammar.masks_async([s.request.grammar for s in guided], [s.draft_ids for s in guided])
+            masks = GuidedMasks([s.request.request_id for s in guided], future)
         result = self.runner.execute(plan, masks)
         self.last_forward_seconds = result.forward_seconds
+        if self.speculator is not None:
+            self.speculator.observe_step(plan.num_tokens, result.forward_seconds)
+        requests = {s.request.request_id: s.request for s in scheduled.seqs}
+        tokens_before = {rid: r.num_tokens for rid, r in requests.items()}
         self.scheduler.update(scheduled, result)
-        return self._outputs({s.request.request_id: s.request for s in scheduled.seqs}, result)
+        return self._outputs(requests, tokens_before, result)
 
     @staticmethod
-    def _outputs(requests: dict[str, Request], result: StepResult) -> list[RequestOutput]:
+    def _outputs(requests: dict[str, Request], tokens_before: dict[str, int],
+                 result: StepResult) -> list[RequestOutput]:
         outputs = []
         for i, rid in enumerate(result.request_ids):
             r = requests[rid]
-            first = r.num_output_tokens == 1
+            # the scheduler drops the tokens after a stop among several accepted ones: report those it kept
+            kept = r.num_tokens - tokens_before[rid]
+            first = tokens_before[rid] == r.num_prompt_tokens
             outputs.append(RequestOutput(
-                rid, [result.token_ids[i]], [result.logprobs[i]],
-                [result.top_tokens[i]] if r.params.top_n_tokens else [],
+                rid, result.token_ids[i][:kept], result.logprobs[i][:kept],
+                result.top_tokens[i][:kept] if r.params.top_n_tokens else [],
                 r.is_finished, r.finish_reason,
                 r.num_prompt_tokens, r.num_cached_tokens, r.params.seed,
                 r.prompt_logprobs if first and r.prompt_logprobs is not None else None,

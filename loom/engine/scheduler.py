@@ -5,6 +5,10 @@ It schedules tokens, not phases: every request has `num_computed_tokens` and `nu
 preemption. Running requests go first in admission order, then waiting requests in arrival order. When the KV
 cache runs out of blocks, the most recently admitted running request is preempted: its blocks are freed (full ones
 stay findable in the prefix cache) and it goes back to the front of the queue to be recomputed later.
+
+With speculation (`Speculator`), the budget left after that goes to draft tokens for running decodes, as many as
+the speculator's cost model finds worth verifying and the KV cache holds without preempting anyone; a draft's
+position is computed in the step, and counts as computed only once accepted.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from dataclasses import dataclass, field
 from loom.config import EngineConfig
 from loom.engine.kv.kv_manager import KVCacheManager
 from loom.engine.request import FinishReason, Request, RequestStatus
+from loom.engine.speculation import DraftCandidate, Speculator
 from loom.grammar.guide import GrammarGuide
 from loom.protocol.plan import NewSeq, PromptScores, RunningSeq, StepPlan, StepResult
 
@@ -23,12 +28,14 @@ from loom.protocol.plan import NewSeq, PromptScores, RunningSeq, StepPlan, StepR
 class ScheduledSeq:
     request: Request
     start: int  # num_computed_tokens when scheduled
-    num_new_tokens: int
+    num_new_tokens: int  # positions computed this step, drafts included
+    draft_ids: list[int] = field(default_factory=list)  # proposed tokens after the last known one
+    draft_order: int = 0  # the n of the n-gram that proposed them
 
     @property
     def samples(self) -> bool:
         """The step computes the request's last known position, so its logits pick the next token."""
-        return self.start + self.num_new_tokens == self.request.num_tokens
+        return self.start + self.num_new_tokens - len(self.draft_ids) == self.request.num_tokens
 
 
 @dataclass(slots=True)
@@ -50,9 +57,10 @@ class SchedulerStats:
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, kv: KVCacheManager):
+    def __init__(self, config: EngineConfig, kv: KVCacheManager, speculator: Speculator | None = None):
         self.config = config
         self.kv = kv
+        self.speculator = speculator
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in admission order: preemption takes from the end
         self.requests: dict[str, Request] = {}
@@ -86,7 +94,9 @@ class Scheduler:
         out = SchedulerOutput([])
         budget = self._schedule_running(out, budget)
         if not out.preempted:
-            self._admit_waiting(out, budget)
+            budget = self._admit_waiting(out, budget)
+        if self.speculator is not None and budget > 0 and not out.preempted:
+            self._add_drafts(out, self.speculator)
         self.stats.num_steps += 1
         return out
 
@@ -106,7 +116,7 @@ class Scheduler:
             i += 1
         return budget
 
-    def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
+    def _admit_waiting(self, out: SchedulerOutput, budget: int) -> int:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_batch_size:
             request = self.waiting[0]
             hits = [] if request.wants_prompt_logprobs else self.kv.find_cached_prefix(request.token_ids)
@@ -122,6 +132,40 @@ class Scheduler:
             self.running.append(request)
             out.seqs.append(ScheduledSeq(request, computed, n))
             budget -= n
+        return budget
+
+    def _add_drafts(self, out: SchedulerOutput, speculator: Speculator) -> None:
+        """Drafts for the step's decodes of requests the runner holds (a re-admitted request runs without), cut at
+        what the request may still generate, what its grammar accepts and its first EOS, then trimmed by the
+        speculator's cost model; a request whose drafts the KV cache cannot hold runs without them."""
+        decodes: list[tuple[ScheduledSeq, DraftCandidate]] = []
+        for seq in out.seqs:
+            r = seq.request
+            if seq.num_new_tokens != 1 or not seq.samples or r.request_id not in self._runner_blocks:
+                continue
+            # accepting j drafts yields j + 1 tokens: no more than the request may still generate
+            candidate = speculator.propose(r.request_id, r.token_ids, r.max_new_tokens - r.num_output_tokens - 1)
+            if candidate is None:
+                continue
+            drafts = candidate.draft_ids
+            if r.grammar is not None:
+                del drafts[r.grammar.validate_tokens(drafts):]
+            if not r.params.ignore_eos:
+                for i, token in enumerate(drafts):
+                    if token in r.eos_token_ids:  # nothing follows an accepted EOS
+                        del drafts[i + 1:]
+                        break
+            if drafts:
+                decodes.append((seq, candidate))
+        if not decodes:
+            return
+        expected = sum(1 for s in out.seqs if s.samples)
+        speculator.plan([c for _, c in decodes], out.num_tokens, expected, self.config.max_batch_prefill_tokens)
+        for seq, candidate in decodes:
+            n = len(candidate.draft_ids)
+            if n and self.kv.allocate(seq.request.request_id, seq.start + 1 + n):
+                seq.draft_ids, seq.draft_order = candidate.draft_ids, candidate.order
+                seq.num_new_tokens += n
 
     def _preempt(self, request: Request) -> None:
         self.kv.free(request.request_id)
@@ -136,26 +180,35 @@ class Scheduler:
         """Advance the scheduled requests past this step with what it produced (new tokens, prompt scores).
         Returns the requests that finished this step (their blocks are already free)."""
         finished = []
-        tokens = dict(zip(result.request_ids, result.token_ids))
+        new_tokens = dict(zip(result.request_ids, result.token_ids))
         for seq in scheduled.seqs:
             request = seq.request
-            prompt_part = max(0, min(seq.start + seq.num_new_tokens, request.num_prompt_tokens) - seq.start)
+            known_end = seq.start + seq.num_new_tokens - len(seq.draft_ids)  # positions of known tokens computed
+            prompt_part = max(0, min(known_end, request.num_prompt_tokens) - seq.start)
             self.stats.num_computed_prompt_tokens += prompt_part
-            request.num_computed_tokens = seq.start + seq.num_new_tokens
             scores = result.prompt_scores.get(request.request_id)
             if scores is not None:
                 self._record_prompt_scores(request, scores)
-            token = tokens.get(request.request_id)
-            if token is not None:
+            tokens = new_tokens.get(request.request_id, ())
+            if seq.draft_ids:
+                # tokens = the accepted drafts, then the runner's own choice after them
+                assert self.speculator is not None
+                self.speculator.record(request.request_id, seq.draft_order, len(seq.draft_ids), len(tokens) - 1)
+                known_end += len(tokens) - 1
+            reason = None
+            for token in tokens:  # TGI: the stopping criteria run per token; tokens after a stop are dropped
                 request.token_ids.append(token)
                 if request.grammar is not None:
                     GrammarGuide.advance(request.grammar, token)
-            self.kv.index_full_blocks(request.request_id, request.token_ids, request.num_computed_tokens)
-            if token is not None:
                 reason = self._stop_reason(request, token)
                 if reason is not None:
-                    self._finish(request, reason)
-                    finished.append(request)
+                    break
+            # an accepted draft's position is computed; after a stop inside the accepted ones, those past it are not
+            request.num_computed_tokens = min(known_end, request.num_tokens - 1) if tokens else known_end
+            self.kv.index_full_blocks(request.request_id, request.token_ids, request.num_computed_tokens)
+            if reason is not None:
+                self._finish(request, reason)
+                finished.append(request)
         return finished
 
     @staticmethod
@@ -184,6 +237,8 @@ class Scheduler:
         self.kv.free(request.request_id)
         self._runner_blocks.pop(request.request_id, None)
         self._runner_drops.append(request.request_id)
+        if self.speculator is not None:
+            self.speculator.drop(request.request_id)
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
         del self.requests[request.request_id]
@@ -203,7 +258,8 @@ class Scheduler:
                 self._runner_blocks[rid] = len(table)
             else:
                 added = self.kv.block_ids(rid, known)
-                running.append(RunningSeq(rid, r.token_ids[s.start : s.start + s.num_new_tokens], added))
+                known_tokens = r.token_ids[s.start : s.start + s.num_new_tokens - len(s.draft_ids)]
+                running.append(RunningSeq(rid, s.start, known_tokens + s.draft_ids, added, len(s.draft_ids)))
                 self._runner_blocks[rid] = known + len(added)
         drops, self._runner_drops = self._runner_drops, []
         return StepPlan(new, running, drops, self.kv.block_size)

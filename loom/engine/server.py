@@ -76,7 +76,7 @@ class EngineServer:
         return EngineReady(
             e.model_config.architecture, str(e.model_config.dtype).removeprefix("torch."), e.max_total_tokens,
             e.kv.pool.num_blocks * e.config.block_size, e.config.max_batch_prefill_tokens, e.config.max_batch_size,
-            e.config.block_size, e.model_config.vocab_size,
+            e.config.block_size, e.model_config.vocab_size, e.config.speculate,
         )
 
     def _send(self, msg: object) -> None:
@@ -116,6 +116,8 @@ class EngineServer:
         sched = self.engine.scheduler
         start = time.perf_counter()
         computed_before = sched.stats.num_computed_prompt_tokens
+        spec = self.engine.speculator.stats if self.engine.speculator is not None else None
+        drafted_before, accepted_before = (spec.num_draft_tokens, spec.num_accepted_tokens) if spec else (0, 0)
         try:
             outputs = self.engine.step()
         except RankFailure:
@@ -127,8 +129,10 @@ class EngineServer:
             return
         elapsed = time.perf_counter() - start
         prefill = sched.stats.num_computed_prompt_tokens - computed_before
-        stats = StepStats(len(sched.running), len(sched.waiting), prefill, len(outputs),
-                          self.engine.last_forward_seconds, elapsed)
+        drafted, accepted = (spec.num_draft_tokens - drafted_before, spec.num_accepted_tokens - accepted_before) \
+            if spec else (0, 0)
+        stats = StepStats(len(sched.running), len(sched.waiting), prefill, sum(len(o.new_token_ids) for o in outputs),
+                          self.engine.last_forward_seconds, elapsed, drafted, accepted)
         self._send(StepOutputs(outputs, stats))
         if self._spans:
             for out in outputs:

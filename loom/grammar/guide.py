@@ -57,21 +57,46 @@ class GrammarGuide:
             self._compiled.move_to_end(spec)
         return compiled.deep_copy()
 
-    def masks(self, matchers: Sequence[llguidance.LLMatcher]) -> torch.Tensor:
-        """[len(matchers), vocab_size] bool: the tokens each matcher allows next (only EOS once it is complete or
-        in error)."""
+    def masks(self, matchers: Sequence[llguidance.LLMatcher],
+              drafts: Sequence[Sequence[int]] | None = None) -> torch.Tensor:
+        """[rows, vocab_size] bool: the tokens each matcher allows next (only EOS once it is complete or in error).
+        With `drafts` (speculation), a matcher's row is followed by one row per draft token: what it allows after
+        consuming the drafts up to that one (the drafts are consumed, then rolled back)."""
+        drafts = drafts if drafts is not None else [()] * len(matchers)
         words = (self.tokenizer.vocab_size + 31) // 32
-        bits = np.zeros((len(matchers), words), dtype=np.int32)
-        for i, m in enumerate(matchers):
-            m.unsafe_compute_mask_ptr(bits[i].ctypes.data, bits[i].nbytes)
-        allowed = np.unpackbits(bits.view(np.uint8), axis=1, bitorder="little")[:, : self.vocab_size]
-        return torch.from_numpy(allowed.astype(bool))
+        bits = np.zeros((sum(len(d) + 1 for d in drafts), words), dtype=np.int32)
+        row, eos_only = 0, []
+        for m, draft in zip(matchers, drafts):
+            m.unsafe_compute_mask_ptr(bits[row].ctypes.data, bits[row].nbytes)
+            row += 1
+            consumed = 0
+            for token in draft:
+                # The scheduler keeps only drafts the grammar accepts (validate_tokens). Should one fail anyway,
+                # the rows after it allow only EOS, as the matcher's error state does.
+                if m.validate_tokens([token]) == 1:
+                    m.consume_token(token)
+                    consumed += 1
+                    m.unsafe_compute_mask_ptr(bits[row].ctypes.data, bits[row].nbytes)
+                else:
+                    logger.error("grammar rejected draft token %d", token)
+                    eos_only.extend(range(row, row + len(draft) - consumed))
+                    row += len(draft) - consumed
+                    break
+                row += 1
+            if consumed:
+                m.rollback(consumed)
+        allowed = np.unpackbits(bits.view(np.uint8), axis=1, bitorder="little")[:, : self.vocab_size].astype(bool)
+        for r in eos_only:
+            allowed[r] = False
+            allowed[r, [t for t in self._eos if t < self.vocab_size]] = True
+        return torch.from_numpy(allowed)
 
-    def masks_async(self, matchers: Sequence[llguidance.LLMatcher]) -> Future[torch.Tensor]:
+    def masks_async(self, matchers: Sequence[llguidance.LLMatcher],
+                    drafts: Sequence[Sequence[int]] | None = None) -> Future[torch.Tensor]:
         """`masks` in a background thread: the engine starts it before the forward pass and waits after."""
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loom-grammar")
-        return self._pool.submit(self.masks, list(matchers))
+        return self._pool.submit(self.masks, list(matchers), drafts)
 
     @staticmethod
     def advance(matcher: llguidance.LLMatcher, token: int) -> None:

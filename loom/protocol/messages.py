@@ -52,6 +52,7 @@ class EngineReady(msgspec.Struct, tag=True, frozen=True):
     max_batch_size: int
     block_size: int
     vocab_size: int
+    speculate: int = 0  # most draft tokens per request and step (0: no speculative decoding)
 
 
 class StepStats(msgspec.Struct, frozen=True):
@@ -61,6 +62,8 @@ class StepStats(msgspec.Struct, frozen=True):
     num_decode_tokens: int
     forward_seconds: float  # model forward
     step_seconds: float  # whole step incl. scheduling and sampling
+    num_draft_tokens: int = 0  # speculation: draft tokens verified this step
+    num_accepted_tokens: int = 0  # of those, accepted
 
 
 class StepOutputs(msgspec.Struct, tag=True, frozen=True):

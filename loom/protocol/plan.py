@@ -36,11 +36,19 @@ class NewSeq(msgspec.Struct, array_like=True):
 class RunningSeq(msgspec.Struct, array_like=True):
     """A request the runner holds: the tokens of its next positions (a decode: the token sampled last step; a later
     prompt chunk: the chunk), and the blocks appended to its table since the last plan. Every rank computes the
-    positions; only rank 0 samples, so the tokens travel in the plan."""
+    positions; only rank 0 samples, so the tokens travel in the plan.
+
+    With speculation, a decode also carries `num_draft` proposed tokens after its last token: the step computes
+    their positions too (one forward verifies them) and rank 0 accepts the prefix its own choices agree with.
+    `start` is where this step's positions begin: after a verification it tells every rank how many of the last
+    step's drafts were accepted (the K/V of rejected ones is overwritten when those positions are computed again).
+    """
 
     request_id: str
-    token_ids: list[int]
+    start: int  # positions whose K/V are valid in the cache before this step
+    token_ids: list[int]  # this step's tokens: the known ones, then the drafts
     new_block_ids: list[int] = []
+    num_draft: int = 0
 
     @property
     def num_new(self) -> int:
@@ -70,11 +78,12 @@ class PromptScores:
 @dataclass(slots=True)
 class StepResult:
     """What one step produced, for the requests that sampled (those whose step reached their last known position):
-    parallel lists in the order of `request_ids`."""
+    parallel lists in the order of `request_ids`, one entry per new token of the request (one, or with speculation
+    the accepted drafts and the token chosen after them)."""
 
     request_ids: list[str]
-    token_ids: list[int]
-    logprobs: list[float]
-    top_tokens: list[list[tuple[int, float]]]
+    token_ids: list[list[int]]
+    logprobs: list[list[float]]
+    top_tokens: list[list[list[tuple[int, float]]]]
     prompt_scores: dict[str, PromptScores]  # requests with prompt logprobs asked whose prompt ran this step
     forward_seconds: float  # the model's forward pass (and the logits), not scheduling or sampling

@@ -34,7 +34,8 @@ def _linear(top: int, steps: int = 100) -> list[float]:
 
 
 class Metrics:
-    def __init__(self, max_input_tokens: int, max_total_tokens: int, max_batch_total_tokens: int):
+    def __init__(self, max_input_tokens: int, max_total_tokens: int, max_batch_total_tokens: int,
+                 speculate: int = 0):
         r = self.registry = CollectorRegistry()
         d = _duration_buckets()
         self.request_count = Counter("tgi_request_count", "Requests received", registry=r)
@@ -70,6 +71,17 @@ class Metrics:
             "tgi_batch_max_total_tokens", "KV cache capacity in tokens", registry=r)
         self.queue_size = Gauge("tgi_queue_size", "Waiting requests", registry=r)
         self.batch_max_total_tokens.set(max_batch_total_tokens)
+        # TGI: tokens a request got from one forward beyond the first (accepted speculative tokens), per step
+        self.skipped_tokens = Histogram(
+            "tgi_request_skipped_tokens", "Speculative tokens accepted per request and step",
+            buckets=[float(i) for i in range(speculate + 1)], registry=r)
+        self.spec_draft_tokens = Counter(
+            "loom_spec_decode_draft_tokens", "Speculative draft tokens verified", registry=r)
+        self.spec_accepted_tokens = Counter(
+            "loom_spec_decode_accepted_tokens", "Speculative draft tokens accepted", registry=r)
+        self.spec_acceptance_rate = Gauge(
+            "loom_spec_decode_acceptance_rate", "Accepted / verified draft tokens since start", registry=r)
+        self._drafted = self._accepted = 0
 
     def observe_step(self, step: StepOutputs) -> None:
         """Called by the engine client for every step frame. A step with prompt tokens counts as a prefill."""
@@ -81,3 +93,12 @@ class Metrics:
         self.batch_inference_duration.labels(method).observe(s.step_seconds)
         self.batch_current_size.set(s.num_running)
         self.queue_size.set(s.num_waiting)
+        for out in step.outputs:
+            if out.new_token_ids:
+                self.skipped_tokens.observe(len(out.new_token_ids) - 1)
+        if s.num_draft_tokens:
+            self.spec_draft_tokens.inc(s.num_draft_tokens)
+            self.spec_accepted_tokens.inc(s.num_accepted_tokens)
+            self._drafted += s.num_draft_tokens
+            self._accepted += s.num_accepted_tokens
+            self.spec_acceptance_rate.set(self._accepted / self._drafted)

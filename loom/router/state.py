@@ -117,7 +117,7 @@ def build_state(config: RouterConfig, engine: EngineClient) -> RouterState:
         config.max_best_of, config.max_stop_sequences, config.max_top_n_tokens, max_input, max_total,
         config.disable_grammar_support,
     )
-    metrics = Metrics(max_input, max_total, engine.ready.max_batch_total_tokens)
+    metrics = Metrics(max_input, max_total, engine.ready.max_batch_total_tokens, engine.ready.speculate)
     engine.on_step = metrics.observe_step
     return RouterState(
         config, engine, tokenizer, limits, Generator(engine, tokenizer, config.enable_prefill_logprobs), metrics,

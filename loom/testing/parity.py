@@ -34,7 +34,7 @@ def paged_logits(runner: ModelRunner, kv: KVCacheManager, ids: list[int], chunk:
                                all_logits=True)
                 plan = StepPlan([first], [], [], kv.block_size)
             else:
-                plan = StepPlan([], [RunningSeq("parity", piece)], [], kv.block_size)
+                plan = StepPlan([], [RunningSeq("parity", start, piece)], [], kv.block_size)
             out.append(runner.forward_logits(plan))
         return torch.cat(out)
     finally:
@@ -69,23 +69,36 @@ def assert_logits_parity(path: str | Path, lengths=(1, 7, 33, 100), chunks=(None
 def assert_greedy_parity(path: str | Path, lengths=(3, 17, 40), new_tokens: int = 32, vocab: int = 50257,
                          **llm_args) -> None:
     """Greedy tokens equal transformers `generate`: a mixed-length batch together, then again with a shared
-    prefix so that the second pass hits the prefix cache."""
+    prefix so that the second pass hits the prefix cache; and all of it again with speculative decoding, drafts
+    from transformers' own output with some made wrong (so that every acceptance length occurs)."""
     from loom import LLM, SamplingParams
+    from loom.testing.speculation import OracleProposer
 
     hf = hf_model(path)
-    llm = LLM(path, dtype="float32", **{"max_batch_total_tokens": 4096, **llm_args})
+    llm = LLM(path, dtype="float32", **{"max_batch_total_tokens": 4096, "speculate": 3, **llm_args})
+    speculator = llm.engine.scheduler.speculator
+    assert speculator is not None
+    speculator.cost = None  # verify every draft, whatever it costs
     prompts = random_prompts(list(lengths), vocab, seed=2)
     shared = random_prompts([2 * BLOCK], vocab, seed=3)[0]
     with_prefix = [shared + p for p in prompts]
-    # the first prefixed prompt alone fills the cache; the batch after it then starts from cached blocks
-    for batch in (prompts, with_prefix[:1], with_prefix):
-        results = llm.generate(batch, SamplingParams(max_new_tokens=new_tokens))
-        for prompt, result in zip(batch, results):
-            with torch.no_grad():
-                out = hf.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False)
-            expected = out[0, len(prompt) :].tolist()
-            assert result.token_ids == expected, f"{path}: prompt of {len(prompt)} tokens"
+    expected = {}
+    for prompt in prompts + with_prefix:
+        with torch.no_grad():
+            out = hf.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False)
+        expected[tuple(prompt)] = out[0, len(prompt) :].tolist()
+    speculator.proposer = OracleProposer([list(p) + e for p, e in expected.items()], vocab, wrong_rate=0.3)
+    for speculate in (False, True):
+        llm.engine.scheduler.speculator = speculator if speculate else None
+        # the first prefixed prompt alone fills the cache; the batch after it then starts from cached blocks
+        for batch in (prompts, with_prefix[:1], with_prefix):
+            results = llm.generate(batch, SamplingParams(max_new_tokens=new_tokens))
+            for prompt, result in zip(batch, results):
+                assert result.token_ids == expected[tuple(prompt)], \
+                    f"{path}: prompt of {len(prompt)} tokens{', speculating' if speculate else ''}"
     assert llm.engine.scheduler.stats.num_prefix_hit_tokens >= BLOCK  # the shared prefix was reused
+    stats = speculator.stats
+    assert 0 < stats.num_accepted_tokens < stats.num_draft_tokens  # drafts were accepted and rejected
     llm.engine.check_integrity()
 
 

@@ -61,6 +61,8 @@ class _SeqState:
     params: SamplingParams
     generator: torch.Generator | None  # seeded once: the same draws whatever the batch, across preemptions
     all_logits: bool  # score the prompt's positions (prompt logprobs)
+    draft_ids: list[int]  # the drafts the last step verified (a rank that does not sample learns from the next
+    # plan's `start` how many were accepted)
 
 
 @dataclass(slots=True)
@@ -70,9 +72,21 @@ class _StepSeq:
     request_id: str
     state: _SeqState
     start: int
-    token_ids: list[int]
+    token_ids: list[int]  # this step's tokens, drafts last
     sample: bool  # the step reaches the last known position: its logits pick the next token
     all_logits: bool  # every position's logits are kept (prompt scores)
+    num_draft: int = 0  # speculation: the last tokens are drafts, every position's logits verify one
+
+    @property
+    def is_decode(self) -> bool:
+        """One known token after cached ones (with its drafts): each position attends like a decode."""
+        return len(self.token_ids) - self.num_draft == 1 and self.start > 0
+
+    @property
+    def num_logit_rows(self) -> int:
+        if self.all_logits or self.num_draft:
+            return len(self.token_ids)
+        return 1 if self.sample else 0
 
 
 @dataclass(slots=True)
@@ -118,26 +132,38 @@ class ModelRunner:
 
     @torch.inference_mode()
     def linear_tokens_per_second(self, rows: int = 256) -> float | None:
-        """Tokens per second this rank's linear layers (all but the LM head) compute at `rows` tokens per step:
-        each distinct weight shape timed once (best of two) on random input, weighted by how many layers have it.
+        """Tokens per second this rank's linear layers (all but the LM head) compute at `rows` tokens per step.
         About 0.1 s on a CPU; it sizes the default prefill budget. None for a model without such layers (the
         transformers fallback)."""
+        seconds = self.linear_seconds([rows], lm_head=False).get(rows)
+        return rows / seconds if seconds else None
+
+    @torch.inference_mode()
+    def linear_seconds(self, rows: list[int], lm_head: bool = True) -> dict[int, float]:
+        """Seconds this rank's linear layers take for a step of each number of `rows`: each distinct weight shape
+        timed (best of two) on random input, weighted by how many layers have it; the LM head as one more layer
+        when `lm_head`. Empty for a model without such layers (the transformers fallback)."""
         shapes: dict[tuple[int, int], tuple[PackableLinear, int]] = {}
         for name, module in self.model.named_modules():
-            if isinstance(module, PackableLinear) and not name.endswith("lm_head"):
+            if isinstance(module, PackableLinear) and (lm_head or not name.endswith("lm_head")):
                 key = module.features
                 layer, count = shapes.get(key, (module, 0))
                 shapes[key] = (layer, count + 1)
-        seconds = 0.0
-        for (in_features, _), (layer, count) in shapes.items():
-            x = torch.randn(rows, in_features, device=self.device).to(self.model_config.dtype)
-            best = float("inf")
-            for _ in range(2):
-                start = time.perf_counter()
-                layer.matmul(x)
-                best = min(best, time.perf_counter() - start)
-            seconds += best * count
-        return rows / seconds if seconds > 0 else None
+        if not shapes:
+            return {}
+        out = {}
+        for n in rows:
+            seconds = 0.0
+            for (in_features, _), (layer, count) in shapes.items():
+                x = torch.randn(n, in_features, device=self.device).to(self.model_config.dtype)
+                best = float("inf")
+                for _ in range(2):
+                    start = time.perf_counter()
+                    layer.matmul(x)
+                    best = min(best, time.perf_counter() - start)
+                seconds += best * count
+            out[n] = seconds
+        return out
 
     def _send(self, msg: shard.Message) -> None:
         broadcast_message(self.tp, *shard.encode(msg))
@@ -201,32 +227,40 @@ class ModelRunner:
             if generator is None and new.params.is_sampling and self.tp.is_driver:
                 generator = torch.Generator().manual_seed(new.params.seed)  # type: ignore[arg-type]
             state = _SeqState(list(new.token_ids), new.num_prompt_tokens, new.start, list(new.block_ids), new.params,
-                              generator, new.all_logits)
+                              generator, new.all_logits, [])
             self.seqs[new.request_id] = state
             seqs.append(self._step_seq(new.request_id, state, new.token_ids[new.start : new.start + new.num_new]))
         for diff in plan.running:
             state = self.seqs[diff.request_id]
             state.block_ids.extend(diff.new_block_ids)
-            if state.num_computed + diff.num_new > len(state.token_ids):  # a rank that does not sample
-                state.token_ids.extend(diff.token_ids[len(state.token_ids) - state.num_computed :])
-            seqs.append(self._step_seq(diff.request_id, state, diff.token_ids))
+            accepted = diff.start - state.num_computed  # drafts of the last step that rank 0 accepted
+            if accepted < 0 or accepted > len(state.draft_ids):
+                raise AssertionError(f"plan starts {diff.request_id!r} at {diff.start}, the runner has "
+                                     f"{state.num_computed} positions and {len(state.draft_ids)} drafts")
+            known = diff.start + diff.num_new - diff.num_draft
+            if known > len(state.token_ids):  # a rank that does not sample: learns the tokens from the plan
+                state.token_ids.extend(state.draft_ids[:accepted])
+                state.token_ids.extend(diff.token_ids[len(state.token_ids) - diff.start : diff.num_new - diff.num_draft])
+            state.num_computed = diff.start
+            seqs.append(self._step_seq(diff.request_id, state, diff.token_ids, diff.num_draft))
         return seqs
 
     @staticmethod
-    def _step_seq(request_id: str, state: _SeqState, token_ids: list[int]) -> _StepSeq:
+    def _step_seq(request_id: str, state: _SeqState, token_ids: list[int], num_draft: int = 0) -> _StepSeq:
         start = state.num_computed
-        end = start + len(token_ids)
+        end = start + len(token_ids) - num_draft  # drafts' positions count once accepted (the next plan's start)
         state.num_computed = end
+        state.draft_ids = token_ids[len(token_ids) - num_draft :] if num_draft else []
         all_logits = state.all_logits and start < state.num_prompt_tokens - 1
-        return _StepSeq(request_id, state, start, token_ids, end == len(state.token_ids), all_logits)
+        return _StepSeq(request_id, state, start, token_ids, end == len(state.token_ids), all_logits, num_draft)
 
     def _forward(self, seqs: list[_StepSeq]) -> torch.Tensor | None:
         """This rank's forward pass; float32 logits on rank 0 (None on the others) in `seqs` order: every position
         of `all_logits` seqs, the last position of other sampling seqs, nothing for the rest."""
         if not seqs:  # a plan that only drops requests
             return torch.empty(0, self.model_config.vocab_size)
-        decodes = [s for s in seqs if len(s.token_ids) == 1 and s.start > 0]
-        prefills = [s for s in seqs if not (len(s.token_ids) == 1 and s.start > 0)]
+        decodes = [s for s in seqs if s.is_decode]
+        prefills = [s for s in seqs if not s.is_decode]
         ordered = decodes + prefills
         ids = torch.tensor([t for s in ordered for t in s.token_ids], dtype=torch.long, device=self.device)
         positions = torch.cat([torch.arange(s.start, s.start + len(s.token_ids)) for s in ordered]).to(self.device)
@@ -240,7 +274,7 @@ class ModelRunner:
         rows: list[int] = []
         for s in seqs:
             start, n = first_row[s.request_id], len(s.token_ids)
-            if s.all_logits:
+            if s.all_logits or s.num_draft:
                 rows.extend(range(start, start + n))
             elif s.sample:
                 rows.append(start + n - 1)
@@ -251,33 +285,58 @@ class ModelRunner:
 
     def _sample(self, seqs: list[_StepSeq], logits: torch.Tensor, guided: GuidedMasks | None,
                 forward_seconds: float) -> StepResult:
-        """Prompt scores and next tokens from the logits `_forward` returned."""
+        """Prompt scores and next tokens from the logits `_forward` returned.
+
+        A request with drafts has one logits row per position: row j chooses the token after draft j (after the
+        last known token for j = 0) exactly as a step without drafts would, penalties over the tokens up to that
+        position, its grammar mask after those drafts, and a sampling row's draw from the request's generator,
+        in order, only while the drafts before it were accepted. The tokens chosen are kept up to the first that
+        differs from the draft at its position: the output, and the generator's state after it, are those of one
+        step per token. (This is rejection sampling for a draft that proposes one token with certainty: a draft
+        is accepted with the probability the target model gives it; after a rejection the token comes from the
+        target distribution without the draft.)"""
         scores: dict[str, PromptScores] = {}
-        last_rows, sampling, row = [], [], 0
+        sampler_rows: list[int] = []  # logits rows the sampler gets
+        rows: list[SamplingRow] = []
+        sampling: list[tuple[_StepSeq, int]] = []  # (seq, its first sampler row)
+        row = 0
         for s in seqs:
+            n = s.num_logit_rows
             if s.all_logits:
-                scores[s.request_id] = self._prompt_scores(s, logits[row : row + len(s.token_ids)])
-                row += len(s.token_ids)
-                if s.sample:
-                    last_rows.append(row - 1)
-                    sampling.append(s)
-            elif s.sample:
-                last_rows.append(row)
-                sampling.append(s)
-                row += 1
-        result = StepResult([s.request_id for s in sampling], [], [], [], scores, forward_seconds)
+                scores[s.request_id] = self._prompt_scores(s, logits[row : row + n])
+            if s.sample:
+                sampling.append((s, len(rows)))
+                history = s.state.token_ids
+                if s.num_draft:
+                    drafts = s.token_ids[len(s.token_ids) - s.num_draft :]
+                    for j in range(s.num_draft + 1):
+                        sampler_rows.append(row + j)
+                        rows.append(SamplingRow(s.state.params, s.state.generator,
+                                                history + drafts[:j] if j else history,
+                                                drafts[j] if j < s.num_draft else None))
+                else:
+                    sampler_rows.append(row + n - 1)
+                    rows.append(SamplingRow(s.state.params, s.state.generator, history))
+            row += n
+        result = StepResult([s.request_id for s, _ in sampling], [], [], [], scores, forward_seconds)
         if not sampling:
             return result
-        rows = [SamplingRow(s.state.params, s.state.generator, s.state.token_ids) for s in sampling]
         allowed = None
         if guided is not None and guided.request_ids:
-            index = {s.request_id: i for i, s in enumerate(sampling)}
-            allowed = ([index[rid] for rid in guided.request_ids], guided.masks.result())
-        sample_logits = logits if len(last_rows) == logits.shape[0] else logits[last_rows]
+            first = {s.request_id: (i, 1 + s.num_draft) for s, i in sampling}
+            allowed = ([r for rid in guided.request_ids for r in range(first[rid][0], sum(first[rid]))],
+                       guided.masks.result())
+        sample_logits = logits if len(sampler_rows) == logits.shape[0] else logits[sampler_rows]
         out = self.sampler(sample_logits, rows, allowed)
-        for s, token in zip(sampling, out.token_ids):
-            s.state.token_ids.append(token)
-        result.token_ids, result.logprobs, result.top_tokens = out.token_ids, out.logprobs, out.top_tokens
+        for s, i in sampling:
+            end = i + 1
+            while end < i + 1 + s.num_draft and out.token_ids[end - 1] == rows[end - 1].draft_id:
+                end += 1  # the token chosen at row end-1 is the draft: the next row's choice stands
+            tokens = out.token_ids[i:end]
+            s.state.token_ids.extend(tokens)
+            result.token_ids.append(tokens)
+            result.logprobs.append(out.logprobs[i:end])
+            result.top_tokens.append(out.top_tokens[i:end])
         return result
 
     @staticmethod
@@ -297,16 +356,26 @@ class ModelRunner:
     def _attention_metadata(self, decodes: list[_StepSeq], prefills: list[_StepSeq]) -> AttentionMetadata:
         slot_parts: list[torch.Tensor] = []
         tables = lens = None
+        num_decode_rows = 0
         if decodes:
+            # A decode with drafts is one row per position, each attending like a decode to the positions up to
+            # its own (their K/V are all written before attention runs): the same kernel, the same numbers, as
+            # computing those positions one step at a time.
             max_blocks = max(len(s.state.block_ids) for s in decodes)
-            tables = torch.tensor([s.state.block_ids + [0] * (max_blocks - len(s.state.block_ids)) for s in decodes],
-                                  dtype=torch.int32)
-            lens = torch.tensor([s.start + 1 for s in decodes], dtype=torch.int32)
-            last = lens.long() - 1  # position of each decode's new token
+            table_rows, len_rows = [], []
+            for s in decodes:
+                table = s.state.block_ids + [0] * (max_blocks - len(s.state.block_ids))
+                for j in range(len(s.token_ids)):
+                    table_rows.append(table)
+                    len_rows.append(s.start + 1 + j)
+            num_decode_rows = len(len_rows)
+            tables = torch.tensor(table_rows, dtype=torch.int32)
+            lens = torch.tensor(len_rows, dtype=torch.int32)
+            last = lens.long() - 1  # position of each row's new token
             new_slots = tables.long().gather(1, (last // self.block_size).unsqueeze(1)).squeeze(1)
             slot_parts.append(new_slots * self.block_size + last % self.block_size)
             tables, lens = tables.to(self.device), lens.to(self.device)
-        spans, row = [], len(decodes)
+        spans, row = [], num_decode_rows
         for s in prefills:
             ctx_len = s.start + len(s.token_ids)
             slots = self._slots(s.state.block_ids, ctx_len)
@@ -314,4 +383,4 @@ class ModelRunner:
             slot_parts.append(slots[s.start :].cpu())
             row += len(s.token_ids)
         slot_mapping = torch.cat(slot_parts).to(self.device)
-        return AttentionMetadata(slot_mapping, len(decodes), tables, lens, spans, self.block_size)
+        return AttentionMetadata(slot_mapping, num_decode_rows, tables, lens, spans, self.block_size)

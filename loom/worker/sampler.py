@@ -25,6 +25,10 @@ class SamplingRow:
     params: SamplingParams
     generator: torch.Generator | None  # not None iff params.is_sampling; owned by the engine, persists across steps
     token_ids: Sequence[int]  # prompt + generated ids so far (for penalties)
+    # Speculation: the draft proposed for the position this row chooses. The next row then belongs to the same
+    # request (it chooses the position after that draft) and counts only if this row's choice equals the draft:
+    # otherwise it draws nothing from the generator.
+    draft_id: int | None = None
 
 
 @dataclass(slots=True)
@@ -155,12 +159,20 @@ def _apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
 
 
 def _choose(logits: torch.Tensor, rows: Sequence[SamplingRow], sampling: list[int]) -> torch.Tensor:
-    """Next id per row, [N] int64: argmax for greedy rows, a draw from the row's own generator for sampling rows."""
+    """Next id per row, [N] int64: argmax for greedy rows, a draw from the row's own generator for sampling rows.
+    A sampling row after a draft that its previous row did not choose is never used and draws nothing (its id is
+    left as the argmax): the generator then advances exactly as one step per accepted token would."""
     if len(sampling) < logits.shape[0]:
         next_ids = logits.argmax(dim=-1)  # argmax over every row is cheaper than slicing out the greedy ones (TGI)
     else:
         next_ids = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
+    unused = set()  # rows after a rejected draft
     for i in sampling:
+        if i > 0 and (previous := rows[i - 1]).draft_id is not None:
+            if i - 1 in unused or int(next_ids[i - 1]) != previous.draft_id:
+                unused.add(i)
+                next_ids[i] = logits[i].argmax()
+                continue
         generator = rows[i].generator
         if generator is None:
             raise ValueError(f"row {i} samples but has no generator (the engine seeds one from params.seed)")

@@ -20,6 +20,7 @@ from loom.distributed.parallel_state import TPGroup, get_tp_group, kv_head_range
 from loom.models.registry import check_tensor_parallel
 from loom.engine.core import EngineCore
 from loom.testing.parity import make_checkpoint, random_prompts
+from loom.testing.speculation import OracleProposer
 
 from .test_gemma import DIMS as GEMMA_DIMS
 from .test_gpt2_neox_falcon import _config as classic_config
@@ -93,13 +94,22 @@ def test_llm_two_ranks_match_one_rank_with_half_the_weights_each(llama_dir):
     one = LLM(llama_dir, dtype="float32", **ENGINE_ARGS)
     expected = [r.token_ids for batch in batches for r in one.generate(batch, params)]
     [full] = one.engine.runner.rank_weight_bytes
-    with LLM(llama_dir, dtype="float32", tensor_parallel_size=2, **ENGINE_ARGS) as llm:
+    with LLM(llama_dir, dtype="float32", tensor_parallel_size=2, speculate=3, **ENGINE_ARGS) as llm:
+        speculator = llm.engine.scheduler.speculator
+        llm.engine.scheduler.speculator = None
         results = [r for batch in batches for r in llm.generate(batch, params)]
         per_rank = llm.engine.runner.rank_weight_bytes
         hits = llm.engine.scheduler.stats.num_prefix_hit_tokens
+        # with speculation: the other rank learns from each plan's start how many drafts rank 0 accepted
+        speculator.cost = None
+        speculator.proposer = OracleProposer([p + e for p, e in zip(prompts, expected)], 50257, wrong_rate=0.3)
+        llm.engine.scheduler.speculator = speculator
+        speculated = [r for batch in batches for r in llm.generate(batch, params)]
         llm.engine.check_integrity()
         [worker] = multiprocessing.active_children()
     assert [r.token_ids for r in results] == expected
+    assert [r.token_ids for r in speculated] == expected
+    assert 0 < speculator.stats.num_accepted_tokens < speculator.stats.num_draft_tokens
     assert hits >= BLOCK
     # every matrix is split in two; only the norms (a few hundred floats) are on both ranks
     assert len(per_rank) == 2 and per_rank[0] == per_rank[1]

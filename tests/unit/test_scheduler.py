@@ -26,7 +26,7 @@ EOS = 99
 
 def sampled(tokens: dict[str, int]) -> StepResult:
     """A step's result as the runner reports it: one new token per sampling request."""
-    return StepResult(list(tokens), list(tokens.values()), [0.0] * len(tokens), [[] for _ in tokens], {}, 0.0)
+    return StepResult(list(tokens), [[t] for t in tokens.values()], [[0.0] for _ in tokens], [[[]] for _ in tokens], {}, 0.0)
 
 
 class RunnerMirror:
