@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -84,6 +84,45 @@ def architecture_of(hf_config: dict[str, Any]) -> str | None:
 
 
 @dataclass(frozen=True)
+class SpeculatorSpec:
+    kind: Literal["medusa", "mlp_speculator"]
+    path: Path  # the speculator's own directory
+    num_heads: int  # drafts it proposes per step
+    config: dict[str, Any] = field(hash=False, compare=False)
+
+
+def read_speculator(path: Path) -> SpeculatorSpec | None:
+    """The speculator whose directory is `path`, or None for a plain model directory."""
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        return None
+    cfg = json.loads(cfg_file.read_text())
+    if "medusa_num_heads" in cfg:
+        return SpeculatorSpec("medusa", path, int(cfg["medusa_num_heads"]), cfg)
+    if cfg.get("model_type") == "mlp_speculator" or "MLPSpeculatorPreTrainedModel" in (cfg.get("architectures") or []):
+        return SpeculatorSpec("mlp_speculator", path, int(cfg["n_predict"]), cfg)
+    return None
+
+
+def base_model_path(spec: SpeculatorSpec) -> Path:
+    """The base model's local directory: `base_model_name_or_path` as a path (absolute, or relative to the
+    speculator), else a hub id already in the local Hugging Face cache (the launcher fetches it first)."""
+    name = spec.config.get("base_model_name_or_path")
+    if not name:
+        raise ValueError(f"{spec.path / 'config.json'}: a {spec.kind} speculator needs `base_model_name_or_path`")
+    for candidate in (Path(name), spec.path / name):
+        if (candidate / "config.json").is_file():
+            return candidate.resolve()
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name, local_files_only=True))
+    except Exception as err:  # noqa: BLE001 — not in the cache, or not a hub id
+        raise ValueError(f"the base model {name!r} of speculator {spec.path} is neither a local directory nor in "
+                         f"the Hugging Face cache ({type(err).__name__})") from err
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """The model directory and what the engine needs to know about it."""
 
@@ -93,12 +132,16 @@ class ModelConfig:
     architecture: str
     max_model_len: int  # longest sequence (prompt + generated) the model supports
     quantize: str | None = None  # --quantize: an on-the-fly method, or the checkpoint format it must have
+    speculator: SpeculatorSpec | None = None  # the Medusa / MLP-speculator heads when given a speculator directory
 
     @classmethod
     def from_dir(cls, path: str | os.PathLike, dtype: str | torch.dtype = "auto",
                  quantize: str | None = None) -> ModelConfig:
         from loom.models.gguf_checkpoint import model_directory
 
+        speculator = read_speculator(Path(path)) if Path(path).is_dir() else None
+        if speculator is not None:  # TGI: a speculator's directory serves its base model with its heads
+            path = base_model_path(speculator)
         path = model_directory(path)  # a GGUF file → the directory Loom builds from its metadata
         cfg_file = path / "config.json"
         if not cfg_file.is_file():
@@ -113,7 +156,7 @@ class ModelConfig:
         from loom.quantization.methods import check_checkpoint
 
         quantize = check_checkpoint(quantize, hf_config, path)
-        return cls(path, hf_config, resolve_dtype(dtype, hf_config), architecture, max_len, quantize)
+        return cls(path, hf_config, resolve_dtype(dtype, hf_config), architecture, max_len, quantize, speculator)
 
     def get(self, key: str, default: Any = None) -> Any:
         return self.hf_config.get(key, default)

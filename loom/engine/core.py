@@ -21,7 +21,7 @@ from loom.engine.kv.kv_manager import KVCacheManager
 from loom.protocol.outputs import RequestOutput
 from loom.engine.request import Request
 from loom.engine.scheduler import Scheduler
-from loom.engine.speculation import Speculator, StepCost
+from loom.engine.speculation import HeadProposer, NgramProposer, Speculator, StepCost
 from loom.grammar.guide import GrammarGuide
 from loom.sampling_params import SamplingParams, check_max_new_tokens, check_token_budget, resolve_max_new_tokens
 from loom.tokenizer import eos_token_ids, load_tokenizer
@@ -75,6 +75,12 @@ class EngineCore:
         if config.speculate < 0:
             raise ValueError(f"speculate must be >= 0, got {config.speculate}")
         self.model_config = ModelConfig.from_dir(model_path, dtype, quantize)
+        heads = self.model_config.speculator
+        if heads is not None:  # TGI: speculate defaults to the speculator's head count, and may not exceed it
+            if config.speculate > heads.num_heads:
+                raise ValueError(f"Speculate is set to `{config.speculate}` but this {heads.kind} speculator only "
+                                 f"has `{heads.num_heads}` heads, please make them match")
+            self.config = config = replace(config, speculate=config.speculate or heads.num_heads)
         model_path = self.model_config.path  # a GGUF file's is the directory built from it
         self.tokenizer = load_tokenizer(model_path)
         self.eos_token_ids = eos_token_ids(model_path, self.tokenizer)
@@ -82,7 +88,8 @@ class EngineCore:
         kv_tokens = kv_cache_tokens(self.model_config, config, limit, device, get_tp_group().size)
         num_blocks = max(kv_tokens // config.block_size, 1)
         self.max_total_tokens = min(limit, num_blocks * config.block_size)
-        self.runner = ModelRunner(self.model_config, num_blocks, config.block_size, device)
+        self.runner = ModelRunner(self.model_config, num_blocks, config.block_size, device,
+                                  num_speculative_heads=config.speculate if heads is not None else 0)
         if config.max_batch_prefill_tokens is None:
             self.config = config = replace(config, max_batch_prefill_tokens=self._default_prefill_budget(device))
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
@@ -117,16 +124,18 @@ class EngineCore:
         """n-gram speculation, with a cost model from this machine's linear layers timed at a few row counts
         (about as long as a forward of each; the rest of a step's time is learnt from the steps that run)."""
         speculate = self.config.speculate
+        heads = self.model_config.speculator
+        proposer = HeadProposer() if heads is not None else NgramProposer()
         cost = None
         if torch.device(device).type == "cpu":
             rows = sorted({1, 2, 4, 8, 16, 32, 64, 128, 256} | {min(512, self.config.max_batch_size * (speculate + 1))})
             seconds = self.runner.linear_seconds(rows)
             if seconds:
                 cost = StepCost(seconds)
-                logger.info("speculation: up to %d n-gram draft tokens per request; linear layers take %s ms at %s "
-                            "rows", speculate, ", ".join(f"{seconds[r] * 1e3:.1f}" for r in rows),
-                            ", ".join(map(str, rows)))
-        return Speculator(speculate, cost)
+                logger.info("speculation: up to %d draft tokens per request from %s; linear layers take %s ms at "
+                            "%s rows", speculate, f"{heads.kind} heads" if heads else "n-gram lookup",
+                            ", ".join(f"{seconds[r] * 1e3:.1f}" for r in rows), ", ".join(map(str, rows)))
+        return Speculator(speculate, cost, proposer)
 
     def add_request(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, prompt_logprobs: bool = False

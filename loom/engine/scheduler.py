@@ -181,6 +181,11 @@ class Scheduler:
         Returns the requests that finished this step (their blocks are already free)."""
         finished = []
         new_tokens = dict(zip(result.request_ids, result.token_ids))
+        if result.draft_ids and self.speculator is not None:
+            receive = getattr(self.speculator.proposer, "receive", None)
+            if receive is not None:
+                for rid, drafts in result.draft_ids.items():
+                    receive(rid, drafts)
         for seq in scheduled.seqs:
             request = seq.request
             known_end = seq.start + seq.num_new_tokens - len(seq.draft_ids)  # positions of known tokens computed

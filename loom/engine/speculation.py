@@ -69,6 +69,8 @@ class Proposer(Protocol):
 
     def drop(self, request_id: str) -> None: ...
 
+    # proposers fed by the model (speculator heads) also have `receive(request_id, drafts)`
+
 
 class NgramProposer:
     """Prompt lookup over each request's own tokens, one `NgramIndex` per request."""
@@ -85,6 +87,24 @@ class NgramProposer:
 
     def drop(self, request_id: str) -> None:
         self._indexes.pop(request_id, None)
+
+
+class HeadProposer:
+    """Drafts computed by the model's speculator heads (Medusa, MLP speculator) in the runner at the request's
+    last step, handed over by the scheduler (`receive`)."""
+
+    def __init__(self) -> None:
+        self._drafts: dict[str, list[int]] = {}
+
+    def receive(self, request_id: str, drafts: list[int]) -> None:
+        self._drafts[request_id] = drafts
+
+    def propose(self, request_id: str, tokens: Sequence[int], k: int) -> tuple[list[int], int]:
+        drafts = self._drafts.pop(request_id, None)
+        return (drafts[:k], 0) if drafts else ([], 0)
+
+    def drop(self, request_id: str) -> None:
+        self._drafts.pop(request_id, None)
 
 
 class StepCost:

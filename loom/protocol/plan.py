@@ -13,7 +13,7 @@ the other tensor-parallel ranks. Plain ids only (no engine objects): the plan is
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import msgspec
 
@@ -87,3 +87,5 @@ class StepResult:
     top_tokens: list[list[list[tuple[int, float]]]]
     prompt_scores: dict[str, PromptScores]  # requests with prompt logprobs asked whose prompt ran this step
     forward_seconds: float  # the model's forward pass (and the logits), not scheduling or sampling
+    # speculator heads (Medusa, MLP speculator): each sampling request's proposed tokens after its new ones
+    draft_ids: dict[str, list[int]] = field(default_factory=dict)

@@ -99,7 +99,8 @@ class GuidedMasks:
 
 
 class ModelRunner:
-    def __init__(self, model_config: ModelConfig, num_blocks: int, block_size: int, device: str = "cpu"):
+    def __init__(self, model_config: ModelConfig, num_blocks: int, block_size: int, device: str = "cpu",
+                 num_speculative_heads: int = 0):
         self.model_config = model_config
         self.device = torch.device(device)
         self.block_size = block_size
@@ -129,6 +130,17 @@ class ModelRunner:
         self._block_offsets = torch.arange(block_size, device=self.device)
         self.seqs: dict[str, _SeqState] = {}  # the requests this runner holds; written by `_apply` only
         self.sampler = Sampler()
+        self.heads = None  # speculator heads (rank 0): drafts from the final hidden state of each sampled position
+        if num_speculative_heads and self.tp.is_driver:
+            from loom.models.speculator_heads import load_speculator_heads
+
+            spec = model_config.speculator
+            assert spec is not None
+            self.heads = load_speculator_heads(spec, num_speculative_heads, model_config.dtype, self.device)
+            if self.tp.size > 1 and getattr(self.heads, "shared_lm_head", False):
+                raise ValueError("Medusa heads that share the base model's LM head do not run with tensor "
+                                 "parallelism yet")
+        self._last_hidden: torch.Tensor | None = None  # the hidden rows of the last logits (heads' input)
 
     @torch.inference_mode()
     def linear_tokens_per_second(self, rows: int = 256) -> float | None:
@@ -280,7 +292,10 @@ class ModelRunner:
                 rows.append(start + n - 1)
         if not rows:
             return torch.empty(0, self.model_config.vocab_size)
-        logits = self.model.compute_logits(hidden[rows])  # gathered to rank 0
+        selected = hidden[rows]
+        if self.heads is not None:
+            self._last_hidden = selected
+        logits = self.model.compute_logits(selected)  # gathered to rank 0
         return None if logits is None else logits.float()
 
     def _sample(self, seqs: list[_StepSeq], logits: torch.Tensor, guided: GuidedMasks | None,
@@ -328,6 +343,7 @@ class ModelRunner:
                        guided.masks.result())
         sample_logits = logits if len(sampler_rows) == logits.shape[0] else logits[sampler_rows]
         out = self.sampler(sample_logits, rows, allowed)
+        last_rows = []  # each request's row of its last new token (the speculator heads start there)
         for s, i in sampling:
             end = i + 1
             while end < i + 1 + s.num_draft and out.token_ids[end - 1] == rows[end - 1].draft_id:
@@ -337,7 +353,21 @@ class ModelRunner:
             result.token_ids.append(tokens)
             result.logprobs.append(out.logprobs[i:end])
             result.top_tokens.append(out.top_tokens[i:end])
+            last_rows.append(sampler_rows[end - 1])
+        if self.heads is not None and self._last_hidden is not None:
+            result.draft_ids = self._head_drafts(sampling, last_rows, result.token_ids)
         return result
+
+    def _head_drafts(self, sampling: list[tuple[_StepSeq, int]], last_rows: list[int],
+                     tokens: list[list[int]]) -> dict[str, list[int]]:
+        """The speculator heads on the final hidden state of each request's last new token's position (the row
+        whose logits chose it) and that token: the next step's drafts."""
+        assert self.heads is not None and self._last_hidden is not None
+        hidden = self._last_hidden[last_rows]
+        chosen = torch.tensor([t[-1] for t in tokens], device=hidden.device)
+        drafts = self.heads(hidden, chosen, self.model.compute_logits).tolist()
+        self._last_hidden = None
+        return {s.request_id: d for (s, _), d in zip(sampling, drafts)}
 
     @staticmethod
     def _prompt_scores(s: _StepSeq, logits: torch.Tensor) -> PromptScores:

