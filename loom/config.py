@@ -201,3 +201,4 @@ class EngineConfig:
     kv_memory_fraction: float = 0.25  # share of available RAM the default KV budget may take
     seed: int = 0  # seeds the engine's own RNG (random per-request seeds come from `random`)
     speculate: int = 0  # most draft tokens verified per request and step (n-gram prompt lookup); 0 = off
+    draft_model: str | None = None  # a small model with the same tokenizer that proposes the drafts

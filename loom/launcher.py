@@ -51,6 +51,24 @@ def resolve_model(model_id: str | None, revision: str | None) -> tuple[str, Path
     return model_id, download(model_id, revision)
 
 
+def base_of_speculator(model_dir: Path) -> Path:
+    """The directory of the model that serves: `model_dir`, or for a Medusa / MLP-speculator directory its base
+    model (fetched from the hub when it is a hub id not cached yet), whose config and tokenizer the checks and
+    the router read. The engine gets the speculator directory and finds the base the same way."""
+    from loom.config import base_model_path, read_speculator
+
+    spec = read_speculator(model_dir) if model_dir.is_dir() else None
+    if spec is None:
+        return model_dir
+    try:
+        return base_model_path(spec)
+    except ValueError:
+        name = spec.config.get("base_model_name_or_path")
+        if not name:
+            raise SystemExit(f"error: {model_dir}/config.json: a speculator needs `base_model_name_or_path`")
+        return download(str(name), None)
+
+
 def download(repo_id: str, revision: str | None) -> Path:
     from huggingface_hub import snapshot_download
 
@@ -65,17 +83,20 @@ def download(repo_id: str, revision: str | None) -> Path:
         ) from err
 
 
-def build_run_config(args: dict[str, Any], model_id: str, model_dir: Path, run_dir: Path) -> RunConfig:
-    """The run config the engine and router read, from the resolved launcher flags (launcher_args.resolve)."""
+def build_run_config(args: dict[str, Any], model_id: str, model_dir: Path, run_dir: Path,
+                     tokenizer_dir: Path | None = None, draft_dir: Path | None = None) -> RunConfig:
+    """The run config the engine and router read, from the resolved launcher flags (launcher_args.resolve).
+    `tokenizer_dir`: where the router reads the tokenizer when it is not `model_dir` (a speculator's base)."""
     engine = EngineSettings(
         max_batch_prefill_tokens=args["max_batch_prefill_tokens"],
         max_batch_total_tokens=args["max_batch_total_tokens"],
         max_batch_size=args["max_batch_size"] or 256,
         max_total_tokens=args["max_total_tokens"],
         speculate=args["speculate"] or 0,
+        draft_model=str(draft_dir) if draft_dir is not None else None,
     )
     router = RouterSettings(
-        model_id=model_id, model_dir=str(model_dir), hostname=args["hostname"], port=args["port"],
+        model_id=model_id, model_dir=str(tokenizer_dir or model_dir), hostname=args["hostname"], port=args["port"],
         max_concurrent_requests=args["max_concurrent_requests"], max_best_of=args["max_best_of"],
         max_stop_sequences=args["max_stop_sequences"], max_top_n_tokens=args["max_top_n_tokens"],
         max_input_tokens=args["max_input_tokens"], max_total_tokens=args["max_total_tokens"],
@@ -139,9 +160,11 @@ class Launcher:
         signal.signal(signal.SIGINT, self._on_signal)
         try:
             model_id, model_dir = resolve_model(self.args["model_id"], self.args["revision"])
-            check_quantize(self.args, model_dir)
-            check_shards(self.args, model_dir)
-            config = build_run_config(self.args, model_id, model_dir, self.run_dir)
+            base_dir = base_of_speculator(model_dir)
+            check_quantize(self.args, base_dir)
+            check_shards(self.args, base_dir)
+            draft_dir = resolve_model(self.args["draft_model_id"], None)[1] if self.args["draft_model_id"] else None
+            config = build_run_config(self.args, model_id, model_dir, self.run_dir, base_dir, draft_dir)
             config_path = self.run_dir / "run.json"
             run_config.dump(config, config_path)
             self._spawn_engine(config_path)

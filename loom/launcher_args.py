@@ -59,6 +59,8 @@ SUPPORTED: list[tuple[str, Any, Any, str]] = [
     ("--speculate", int, None, "Speculative decoding: up to N draft tokens per request and step, from n-gram "
                                "lookup in the request's own tokens, verified in the same forward (outputs "
                                "unchanged); the engine verifies only the drafts its cost model finds worth it"),
+    ("--draft-model-id", str, None, "Loom extension: a small model with the same tokenizer (local directory, GGUF "
+                                    "or hub id) that proposes the speculative drafts (default --speculate 4)"),
     ("--validation-workers", int, 2, "Reported by /info; tokenization runs in a thread pool"),
     ("--api-key", str, None, "Require `Authorization: Bearer <key>` on generation routes"),
     ("--cors-allow-origin", str, None, "Allowed CORS origin (repeatable; default any)"),

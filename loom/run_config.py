@@ -28,6 +28,7 @@ class EngineSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     max_batch_size: int = 256  # most sequences in one engine step
     max_total_tokens: int | None = None  # longest request (prompt + generated); None → the model's context
     speculate: int = 0  # most draft tokens verified per request and step; 0 = no speculative decoding
+    draft_model: str | None = None  # local directory of the draft model that proposes the drafts
 
 
 class RouterSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -42,6 +42,17 @@ def available_memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
+# Drafts per step with a draft model when --speculate is not given (vLLM's examples and llama.cpp's default range)
+DEFAULT_DRAFT_TOKENS = 4
+
+
+def check_same_vocabulary(target, draft, draft_path) -> None:
+    """A draft model must speak the target's tokens: the same token → id map."""
+    if target.get_vocab() != draft.get_vocab():
+        raise ValueError(f"the draft model {draft_path} has a different tokenizer vocabulary from the target's "
+                         f"({len(draft)} vs {len(target)} tokens): drafts would be other tokens")
+
+
 # A CPU engine computes a few hundred tokens per second at most: past this many cached tokens, more KV memory only
 # lengthens start-up (the cache is zeroed) without admitting useful work.
 DEFAULT_MAX_KV_TOKENS_CPU = 131_072
@@ -81,15 +92,24 @@ class EngineCore:
                 raise ValueError(f"Speculate is set to `{config.speculate}` but this {heads.kind} speculator only "
                                  f"has `{heads.num_heads}` heads, please make them match")
             self.config = config = replace(config, speculate=config.speculate or heads.num_heads)
+        draft = None
+        if config.draft_model is not None:
+            if heads is not None:
+                raise ValueError("a draft model and speculator heads cannot be used together")
+            draft = ModelConfig.from_dir(config.draft_model, self.model_config.dtype)
+            self.config = config = replace(config, speculate=config.speculate or DEFAULT_DRAFT_TOKENS)
         model_path = self.model_config.path  # a GGUF file's is the directory built from it
         self.tokenizer = load_tokenizer(model_path)
+        if draft is not None:
+            check_same_vocabulary(self.tokenizer, load_tokenizer(draft.path), draft.path)
         self.eos_token_ids = eos_token_ids(model_path, self.tokenizer)
         limit = min(config.max_total_tokens or self.model_config.max_model_len, self.model_config.max_model_len)
         kv_tokens = kv_cache_tokens(self.model_config, config, limit, device, get_tp_group().size)
         num_blocks = max(kv_tokens // config.block_size, 1)
         self.max_total_tokens = min(limit, num_blocks * config.block_size)
         self.runner = ModelRunner(self.model_config, num_blocks, config.block_size, device,
-                                  num_speculative_heads=config.speculate if heads is not None else 0)
+                                  num_speculative_heads=config.speculate if heads is not None else 0,
+                                  draft_model=draft, num_draft_tokens=config.speculate)
         if config.max_batch_prefill_tokens is None:
             self.config = config = replace(config, max_batch_prefill_tokens=self._default_prefill_budget(device))
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
@@ -125,7 +145,7 @@ class EngineCore:
         (about as long as a forward of each; the rest of a step's time is learnt from the steps that run)."""
         speculate = self.config.speculate
         heads = self.model_config.speculator
-        proposer = HeadProposer() if heads is not None else NgramProposer()
+        proposer = HeadProposer() if heads is not None or self.config.draft_model else NgramProposer()
         cost = None
         if torch.device(device).type == "cpu":
             rows = sorted({1, 2, 4, 8, 16, 32, 64, 128, 256} | {min(512, self.config.max_batch_size * (speculate + 1))})
@@ -133,7 +153,8 @@ class EngineCore:
             if seconds:
                 cost = StepCost(seconds)
                 logger.info("speculation: up to %d draft tokens per request from %s; linear layers take %s ms at "
-                            "%s rows", speculate, f"{heads.kind} heads" if heads else "n-gram lookup",
+                            "%s rows", speculate, f"{heads.kind} heads" if heads else
+                            f"draft model {self.config.draft_model}" if self.config.draft_model else "n-gram lookup",
                             ", ".join(f"{seconds[r] * 1e3:.1f}" for r in rows), ", ".join(map(str, rows)))
         return Speculator(speculate, cost, proposer)
 

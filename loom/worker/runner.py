@@ -100,7 +100,7 @@ class GuidedMasks:
 
 class ModelRunner:
     def __init__(self, model_config: ModelConfig, num_blocks: int, block_size: int, device: str = "cpu",
-                 num_speculative_heads: int = 0):
+                 num_speculative_heads: int = 0, draft_model: ModelConfig | None = None, num_draft_tokens: int = 0):
         self.model_config = model_config
         self.device = torch.device(device)
         self.block_size = block_size
@@ -141,6 +141,14 @@ class ModelRunner:
                 raise ValueError("Medusa heads that share the base model's LM head do not run with tensor "
                                  "parallelism yet")
         self._last_hidden: torch.Tensor | None = None  # the hidden rows of the last logits (heads' input)
+        self.draft = None  # the draft model (rank 0): next to the target, on the same block tables
+        self.num_draft_tokens = num_draft_tokens
+        if draft_model is not None:
+            if self.tp.size > 1:
+                raise ValueError("a draft model does not run with tensor parallelism yet")
+            from loom.worker.draft_model import DraftModel
+
+            self.draft = DraftModel(draft_model, num_blocks * block_size, block_size, self.device)
 
     @torch.inference_mode()
     def linear_tokens_per_second(self, rows: int = 256) -> float | None:
@@ -279,6 +287,8 @@ class ModelRunner:
         meta = self._attention_metadata(decodes, prefills)
         with forward_context(ForwardContext(meta, self.kv_caches)):
             hidden = self.model(ids, positions)
+        if self.draft is not None:
+            self.draft.mirror(ids, positions, meta)
         first_row, row = {}, 0
         for s in ordered:
             first_row[s.request_id] = row
@@ -356,6 +366,13 @@ class ModelRunner:
             last_rows.append(sampler_rows[end - 1])
         if self.heads is not None and self._last_hidden is not None:
             result.draft_ids = self._head_drafts(sampling, last_rows, result.token_ids)
+        elif self.draft is not None:
+            # each request's newest token sits right after its known tokens and the drafts it accepted
+            starts = [s.start + len(s.token_ids) - s.num_draft + len(t) - 1 for (s, _), t in zip(sampling,
+                                                                                                result.token_ids)]
+            drafts = self.draft.propose([s.state.block_ids for s, _ in sampling], starts,
+                                        [t[-1] for t in result.token_ids], self.num_draft_tokens)
+            result.draft_ids = {s.request_id: d for (s, _), d in zip(sampling, drafts)}
         return result
 
     def _head_drafts(self, sampling: list[tuple[_StepSeq, int]], last_rows: list[int],

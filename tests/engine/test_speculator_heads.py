@@ -138,3 +138,18 @@ def test_missing_base_model_is_a_clear_error(tmp_path):
                                                       "base_model_name_or_path": "nobody/no-such-model"}))
     with pytest.raises(ValueError, match="neither a local directory nor in the Hugging Face cache"):
         LLM(tmp_path, max_batch_total_tokens=1024)
+
+
+def test_launcher_reads_the_base_model_of_a_speculator(llama_dir, tmp_path):
+    """`loom launch --model-id <medusa dir>`: the checks and the router's tokenizer use the base model, the engine
+    gets the speculator directory."""
+    from loom.launcher import base_of_speculator, build_run_config
+    from loom.launcher_args import resolve
+
+    path, _ = make_medusa(tmp_path / "m", llama_dir, heads=2)
+    assert base_of_speculator(path) == llama_dir.resolve()
+    assert base_of_speculator(llama_dir) == llama_dir
+    config = build_run_config(resolve(["--speculate", "2"], environ={}), "org/medusa", path, tmp_path / "run",
+                              base_of_speculator(path))
+    assert config.model_dir == str(path) and config.router.model_dir == str(llama_dir.resolve())
+    assert config.engine.speculate == 2
