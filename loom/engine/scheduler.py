@@ -42,6 +42,7 @@ class ScheduledSeq:
 class SchedulerOutput:
     seqs: list[ScheduledSeq]
     preempted: list[Request] = field(default_factory=list)
+    propose_drafts: bool = False  # the runner's speculator heads / draft model propose drafts after this step
 
     @property
     def num_tokens(self) -> int:
@@ -97,6 +98,12 @@ class Scheduler:
             budget = self._admit_waiting(out, budget)
         if self.speculator is not None and budget > 0 and not out.preempted:
             self._add_drafts(out, self.speculator)
+        if self.speculator is not None and hasattr(self.speculator.proposer, "receive"):
+            # drafts from the model cost model time: made only when a step like this one would verify some
+            sampling = [s.request.request_id for s in out.seqs if s.samples]
+            out.propose_drafts = self.speculator.worth_proposing(
+                sampling, out.num_tokens - sum(len(s.draft_ids) for s in out.seqs), len(sampling),
+                self.config.max_batch_prefill_tokens)
         self.stats.num_steps += 1
         return out
 
@@ -267,4 +274,4 @@ class Scheduler:
                 running.append(RunningSeq(rid, s.start, known_tokens + s.draft_ids, added, len(s.draft_ids)))
                 self._runner_blocks[rid] = known + len(added)
         drops, self._runner_drops = self._runner_drops, []
-        return StepPlan(new, running, drops, self.kv.block_size)
+        return StepPlan(new, running, drops, self.kv.block_size, scheduled.propose_drafts)

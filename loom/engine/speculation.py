@@ -223,6 +223,15 @@ class Speculator:
         for c, n in zip(candidates, keep):
             del c.draft_ids[n:]
 
+    def worth_proposing(self, request_ids: list[str], rows: int, expected_tokens: float, max_rows: int) -> bool:
+        """Whether the cost model would keep any full-length drafts for these requests in a step like this one:
+        a proposer that costs model time (speculator heads, a draft model) runs only then."""
+        if not request_ids:
+            return False
+        candidates = [DraftCandidate(rid, [0] * self.num_speculative, 0, self._rate(rid, 0)) for rid in request_ids]
+        self.plan(candidates, rows, expected_tokens, max_rows)
+        return any(c.draft_ids for c in candidates)
+
     def record(self, request_id: str, order: int, num_draft: int, num_accepted: int) -> None:
         """A verification's outcome: `num_accepted` of `num_draft` drafts. The positions tried are the accepted
         ones and the first rejected one (those after it were never compared)."""

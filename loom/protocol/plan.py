@@ -60,6 +60,7 @@ class StepPlan(msgspec.Struct, array_like=True):
     running: list[RunningSeq]
     finished: list[str]  # requests whose state the runner drops (finished, aborted) before this step
     block_size: int
+    propose_drafts: bool = False  # rank 0's speculator heads or draft model propose the next step's drafts
 
     @property
     def num_tokens(self) -> int:

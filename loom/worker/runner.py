@@ -141,6 +141,7 @@ class ModelRunner:
                 raise ValueError("Medusa heads that share the base model's LM head do not run with tensor "
                                  "parallelism yet")
         self._last_hidden: torch.Tensor | None = None  # the hidden rows of the last logits (heads' input)
+        self._propose_drafts = False  # this step's plan asks the heads / draft model for the next drafts
         self.draft = None  # the draft model (rank 0): next to the target, on the same block tables
         self.num_draft_tokens = num_draft_tokens
         if draft_model is not None:
@@ -240,6 +241,7 @@ class ModelRunner:
         from here: a step that then fails fails its requests, which the engine drops."""
         for request_id in plan.finished:
             self.seqs.pop(request_id, None)
+        self._propose_drafts = plan.propose_drafts
         seqs = []
         for new in plan.new:
             held = self.seqs.get(new.request_id)
@@ -364,7 +366,9 @@ class ModelRunner:
             result.logprobs.append(out.logprobs[i:end])
             result.top_tokens.append(out.top_tokens[i:end])
             last_rows.append(sampler_rows[end - 1])
-        if self.heads is not None and self._last_hidden is not None:
+        if not self._propose_drafts:
+            self._last_hidden = None
+        elif self.heads is not None and self._last_hidden is not None:
             result.draft_ids = self._head_drafts(sampling, last_rows, result.token_ids)
         elif self.draft is not None:
             # each request's newest token sits right after its known tokens and the drafts it accepted

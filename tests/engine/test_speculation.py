@@ -226,6 +226,11 @@ def test_cost_model_keeps_cheap_drafts_and_drops_expensive_ones():
     assert plan(32, [0.3] * 32) == [0] * 32  # 1.7 ms per token: a draft accepted 30% of the time is not worth 1 ms
     assert sum(plan(32, [0.9] * 32)) > 0  # but one accepted 90% of the time is
     assert plan(32, [0.1] * 31 + [0.95]) == [0] * 31 + [4]
+    # a proposer that costs model time runs only when a step like this one would verify some of its drafts
+    assert spec.worth_proposing(["solo"], 1, 1, 512)
+    for i in range(32):
+        spec.record(f"r{i}", 0, 4, 0)  # requests whose drafts were all rejected
+    assert not spec.worth_proposing([f"r{i}" for i in range(32)], 32, 32, 512)
 
 
 def test_real_model_copy_task_is_exact():
