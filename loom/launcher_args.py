@@ -56,9 +56,10 @@ SUPPORTED: list[tuple[str, Any, Any, str]] = [
     ("--max-batch-total-tokens", int, None, "KV cache capacity in tokens (default: from available memory)"),
     ("--max-waiting-tokens", int, 20, "Accepted for compatibility; ignored with chunked prefill, as in TGI"),
     ("--max-batch-size", int, None, "Most sequences in one engine step (default 256)"),
-    ("--speculate", int, None, "Speculative decoding: up to N draft tokens per request and step, from n-gram "
-                               "lookup in the request's own tokens, verified in the same forward (outputs "
-                               "unchanged); the engine verifies only the drafts its cost model finds worth it"),
+    ("--speculate", int, None, "Speculative decoding: up to N draft tokens per request and step, verified in the "
+                               "same forward (outputs unchanged), from n-gram lookup in the request's own tokens, "
+                               "or a Medusa / MLP-speculator --model-id's heads (default: their count), or "
+                               "--draft-model-id; only drafts the engine's cost model finds worth it are verified"),
     ("--draft-model-id", str, None, "Loom extension: a small model with the same tokenizer (local directory, GGUF "
                                     "or hub id) that proposes the speculative drafts (default --speculate 4)"),
     ("--validation-workers", int, 2, "Reported by /info; tokenization runs in a thread pool"),
