@@ -100,6 +100,19 @@ def assert_greedy_parity(path: str | Path, lengths=(3, 17, 40), new_tokens: int 
     stats = speculator.stats
     assert 0 < stats.num_accepted_tokens < stats.num_draft_tokens  # drafts were accepted and rejected
     llm.engine.check_integrity()
+    # the model as its own draft model (--draft-model-id): its cache mirrors the target's through the family's own
+    # attention (sliding windows, soft-capping), so its greedy drafts are the target's tokens
+    drafted = LLM(path, dtype="float32", **{"max_batch_total_tokens": 4096, "speculate": 3, **llm_args,
+                                            "draft_model": str(path)})
+    assert drafted.engine.speculator is not None
+    drafted.engine.speculator.cost = None
+    for batch in (prompts, with_prefix[:1], with_prefix):
+        results = drafted.generate(batch, SamplingParams(max_new_tokens=new_tokens))
+        for prompt, result in zip(batch, results):
+            assert result.token_ids == expected[tuple(prompt)], f"{path}: prompt of {len(prompt)} tokens, own draft"
+    stats = drafted.engine.speculator.stats
+    assert stats.num_draft_tokens > 0 and stats.num_accepted_tokens >= 0.9 * stats.num_draft_tokens, stats
+    drafted.engine.check_integrity()
 
 
 def make_checkpoint(out_dir: str | Path, config, tokenizer_from: str | Path, seed: int = 0,
