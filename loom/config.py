@@ -202,3 +202,5 @@ class EngineConfig:
     seed: int = 0  # seeds the engine's own RNG (random per-request seeds come from `random`)
     speculate: int = 0  # most draft tokens verified per request and step (n-gram prompt lookup); 0 = off
     draft_model: str | None = None  # a small model with the same tokenizer that proposes the drafts
+    watermark_gamma: float = 0.5  # share of the vocabulary in a watermark's green list (TGI's default)
+    watermark_delta: float = 2.0  # logit bias of the green list

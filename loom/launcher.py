@@ -94,6 +94,8 @@ def build_run_config(args: dict[str, Any], model_id: str, model_dir: Path, run_d
         max_total_tokens=args["max_total_tokens"],
         speculate=args["speculate"] or 0,
         draft_model=str(draft_dir) if draft_dir is not None else None,
+        watermark_gamma=args["watermark_gamma"] if args["watermark_gamma"] is not None else 0.5,
+        watermark_delta=args["watermark_delta"] if args["watermark_delta"] is not None else 2.0,
     )
     router = RouterSettings(
         model_id=model_id, model_dir=str(tokenizer_dir or model_dir), hostname=args["hostname"], port=args["port"],

@@ -60,6 +60,9 @@ SUPPORTED: list[tuple[str, Any, Any, str]] = [
                                "same forward (outputs unchanged), from n-gram lookup in the request's own tokens, "
                                "or a Medusa / MLP-speculator --model-id's heads (default: their count), or "
                                "--draft-model-id; only drafts the engine's cost model finds worth it are verified"),
+    ("--watermark-gamma", float, None, "Share of the vocabulary in the green list of `watermark: true` requests "
+                                       "(default 0.5, TGI's)"),
+    ("--watermark-delta", float, None, "Logit bias of the green list of `watermark: true` requests (default 2.0)"),
     ("--draft-model-id", str, None, "Loom extension: a small model with the same tokenizer (local directory, GGUF "
                                     "or hub id) that proposes the speculative drafts (default --speculate 4)"),
     ("--validation-workers", int, 2, "Reported by /info; tokenization runs in a thread pool"),
@@ -93,8 +96,6 @@ UNSUPPORTED: dict[str, str] = {
     "--lora-adapters": "LoRA adapters are not implemented",
     "--rope-scaling": "overriding rope scaling is not supported; edit config.json instead",
     "--rope-factor": "overriding rope scaling is not supported; edit config.json instead",
-    "--watermark-gamma": "watermarking is not implemented",
-    "--watermark-delta": "watermarking is not implemented",
     "--cuda-graphs": "CUDA graphs are not implemented",
     "--cuda-memory-fraction": "CUDA memory fraction is not implemented",
     "--ngrok": "ngrok tunnels are not supported",
@@ -194,6 +195,8 @@ def _check(args: dict[str, Any], environ: dict[str, str]) -> dict[str, Any]:
         raise SystemExit("error: `validation_workers` must be > 0")
     if args["max_batch_size"] == 0:
         raise SystemExit("error: `max_batch_size` must be > 0")
+    if args["watermark_gamma"] is not None and not 0.0 < args["watermark_gamma"] < 1.0:
+        raise SystemExit("error: `watermark_gamma` must be between 0 and 1 (exclusive)")
     if args["speculate"] is not None and not 0 <= args["speculate"] <= MAX_SPECULATE:
         raise SystemExit(f"error: `speculate` must be between 0 and {MAX_SPECULATE}")
     if args["max_input_tokens"] is not None and args["max_total_tokens"] is not None \

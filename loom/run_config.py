@@ -29,6 +29,8 @@ class EngineSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     max_total_tokens: int | None = None  # longest request (prompt + generated); None → the model's context
     speculate: int = 0  # most draft tokens verified per request and step; 0 = no speculative decoding
     draft_model: str | None = None  # local directory of the draft model that proposes the drafts
+    watermark_gamma: float = 0.5  # green-list share of `watermark: true` requests
+    watermark_delta: float = 2.0  # green-list logit bias
 
 
 class RouterSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

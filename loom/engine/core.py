@@ -27,6 +27,7 @@ from loom.sampling_params import SamplingParams, check_max_new_tokens, check_tok
 from loom.tokenizer import eos_token_ids, load_tokenizer
 from loom.protocol.plan import StepResult
 from loom.worker.runner import GuidedMasks, ModelRunner
+from loom.worker.sampler import Watermark
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +86,8 @@ class EngineCore:
         self.config = config = config or EngineConfig()
         if config.speculate < 0:
             raise ValueError(f"speculate must be >= 0, got {config.speculate}")
+        if not 0.0 < config.watermark_gamma < 1.0:
+            raise ValueError(f"watermark gamma must be in (0, 1), got {config.watermark_gamma}")
         self.model_config = ModelConfig.from_dir(model_path, dtype, quantize)
         heads = self.model_config.speculator
         if heads is not None:  # TGI: speculate defaults to the speculator's head count, and may not exceed it
@@ -109,7 +112,8 @@ class EngineCore:
         self.max_total_tokens = min(limit, num_blocks * config.block_size)
         self.runner = ModelRunner(self.model_config, num_blocks, config.block_size, device,
                                   num_speculative_heads=config.speculate if heads is not None else 0,
-                                  draft_model=draft, num_draft_tokens=config.speculate)
+                                  draft_model=draft, num_draft_tokens=config.speculate,
+                                  watermark=Watermark(config.watermark_gamma, config.watermark_delta))
         if config.max_batch_prefill_tokens is None:
             self.config = config = replace(config, max_batch_prefill_tokens=self._default_prefill_budget(device))
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)

@@ -59,7 +59,7 @@ def check_parameters(p: GenerateParameters, limits: Limits, stream: bool) -> int
     """The checks that need no tokenizer, in TGI's order. Returns best_of.
 
     The sampling fields are checked by `check_sampling`, shared with the engine and `loom.LLM`; the best_of,
-    streaming and watermark checks are the router's own."""
+    and streaming checks are the router's own."""
     best_of = p.best_of if p.best_of not in (None, 0) else 1
     if p.best_of is not None and p.best_of != 1 and stream:
         raise ValidationError("`best_of` != 1 is not supported when streaming tokens")
@@ -75,8 +75,6 @@ def check_parameters(p: GenerateParameters, limits: Limits, stream: bool) -> int
         )
     if p.decoder_input_details and stream:
         raise ValidationError("`decoder_input_details` == true is not supported when streaming tokens")
-    if p.watermark:
-        raise ValidationError("`watermark` is not supported by Loom")
     return best_of
 
 
@@ -111,7 +109,7 @@ async def validate(
         max_new_tokens=max_new, do_sample=p.do_sample, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
         typical_p=p.typical_p, repetition_penalty=p.repetition_penalty, frequency_penalty=p.frequency_penalty,
         seed=p.seed, stop=list(p.stop), top_n_tokens=p.top_n_tokens or 0, details=True, ignore_eos=p.ignore_eos,
-        grammar=grammar,
+        grammar=grammar, watermark=p.watermark,
     )
     full_text = p.return_full_text if p.return_full_text is not None else return_full_text_default
     return ValidatedRequest(

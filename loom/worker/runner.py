@@ -34,7 +34,7 @@ from loom.models.loader import load_model
 from loom.protocol import shard
 from loom.protocol.plan import PromptScores, StepPlan, StepResult
 from loom.sampling_params import SamplingParams
-from loom.worker.sampler import Sampler, SamplingRow
+from loom.worker.sampler import Sampler, SamplingRow, Watermark
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +100,8 @@ class GuidedMasks:
 
 class ModelRunner:
     def __init__(self, model_config: ModelConfig, num_blocks: int, block_size: int, device: str = "cpu",
-                 num_speculative_heads: int = 0, draft_model: ModelConfig | None = None, num_draft_tokens: int = 0):
+                 num_speculative_heads: int = 0, draft_model: ModelConfig | None = None, num_draft_tokens: int = 0,
+                 watermark: Watermark | None = None):
         self.model_config = model_config
         self.device = torch.device(device)
         self.block_size = block_size
@@ -129,7 +130,7 @@ class ModelRunner:
         self.kv_caches = [zeroed(shape, model_config.dtype, self.device) for _ in range(model_config.num_layers)]
         self._block_offsets = torch.arange(block_size, device=self.device)
         self.seqs: dict[str, _SeqState] = {}  # the requests this runner holds; written by `_apply` only
-        self.sampler = Sampler()
+        self.sampler = Sampler(watermark)
         self.heads = None  # speculator heads (rank 0): drafts from the final hidden state of each sampled position
         if num_speculative_heads and self.tp.is_driver:
             from loom.models.speculator_heads import load_speculator_heads

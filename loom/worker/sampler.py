@@ -1,7 +1,8 @@
 """Turn one step's logits into next tokens, with TGI's `HeterogeneousNextTokenChooser` semantics.
 
 Pipeline, each stage only for the rows that ask for it ("absent means skip"):
-    penalties (repetition → frequency → presence) → warpers (temperature → top_k → top_p → typical_p)
+    watermark → penalties (repetition → frequency → presence) → grammar mask
+    → warpers (temperature → top_k → top_p → typical_p)
     → choice (argmax, or a seeded exponential-race draw) → logprobs of the processed scores → top-n with ties.
 
 A batch of greedy rows without penalties or top-n costs one argmax and one logsumexp. Sampling rows draw their noise
@@ -112,6 +113,35 @@ def _on_rows(logits: torch.Tensor, rows: list[int], fn: Callable[..., None], *ar
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Watermark
+# ---------------------------------------------------------------------------------------------------------------
+
+WATERMARK_HASH_KEY = 15485863  # TGI's: a large prime, times the previous token id, seeds the green list
+
+
+@dataclass(frozen=True, slots=True)
+class Watermark:
+    """Kirchenbauer et al.'s green-list watermark with TGI's hashing (utils/watermark.py): the previous token seeds
+    a torch generator (`hash_key * previous id`), a random permutation of the vocabulary from it names the green
+    list (its first `int(vocab * gamma)` ids), and `delta` is added to their logits. A detector that knows gamma and
+    the hashing counts green tokens and tests them against the rate gamma (a z-score)."""
+
+    gamma: float = 0.5  # --watermark-gamma: share of the vocabulary that is green
+    delta: float = 2.0  # --watermark-delta: logit bias of green tokens
+
+    def green_ids(self, previous_token: int, vocab_size: int) -> torch.Tensor:
+        generator = torch.Generator(device="cpu").manual_seed(WATERMARK_HASH_KEY * previous_token)
+        return torch.randperm(vocab_size, generator=generator)[: int(vocab_size * self.gamma)]
+
+    def apply(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
+        vocab = logits.shape[-1]
+        for i, row in enumerate(rows):
+            if row.params.watermark and len(row.token_ids):
+                green = self.green_ids(int(row.token_ids[-1]), vocab).to(logits.device)
+                logits[i, green] += self.delta
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Penalties
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -207,7 +237,11 @@ def _top_tokens(logits: torch.Tensor, lse: torch.Tensor, top_n: list[int]) -> li
 
 
 class Sampler:
-    """Stateless: per-request state (the generator, the ids so far) arrives with each `SamplingRow`."""
+    """Stateless: per-request state (the generator, the ids so far) arrives with each `SamplingRow`; the server's
+    watermark settings are fixed at construction."""
+
+    def __init__(self, watermark: Watermark | None = None):
+        self.watermark = watermark or Watermark()
 
     def __call__(
         self, logits: torch.Tensor, rows: Sequence[SamplingRow],
@@ -219,6 +253,8 @@ class Sampler:
             raise ValueError(f"logits of shape {tuple(logits.shape)} do not match {len(rows)} rows")
         if logits.dtype != torch.float32 or not logits.is_contiguous():
             logits = logits.float().contiguous()  # logprobs need float32; penalties index a flat view
+        if any(row.params.watermark for row in rows):
+            self.watermark.apply(logits, rows)  # TGI: the first logits processor
         if any(row.params.uses_penalties for row in rows):
             _apply_penalties(logits, rows)
         if allowed is not None and allowed[0]:

@@ -205,3 +205,27 @@ def test_huggingface_hub_tools_and_grammars(server):
     r = Client(server.url, timeout=60).generate("Age:", max_new_tokens=20,
                                                 grammar=Grammar(type=GrammarType.Regex, value="[0-9]{2}"))
     assert len(r.generated_text) == 2 and r.generated_text.isdigit()
+
+
+def test_text_generation_client_watermark(server, llama_dir):
+    """`watermark=True` through TGI's own client: the tokens carry the green-list watermark a detector written for
+    TGI's hashing finds (the tiny model's near-uniform distribution makes it strong), the same tokens as the
+    offline engine's watermarked generation; without it the text is not watermarked."""
+    from transformers import AutoTokenizer
+
+    from loom.testing.tiny_models import PADDED_VOCAB
+
+    from ..watermark_detector import z_score
+
+    client = Client(server.url, timeout=60)
+    prompt = "The watermark test prompt"
+    marked = client.generate(prompt, max_new_tokens=40, watermark=True, do_sample=True, seed=5)
+    plain = client.generate(prompt, max_new_tokens=40, do_sample=True, seed=5)
+    ids = AutoTokenizer.from_pretrained(llama_dir).encode(prompt)
+    vocab = PADDED_VOCAB  # the logits' width: the green list is a permutation of it, as in TGI
+    marked_ids = [t.id for t in marked.details.tokens]
+    assert z_score(ids, marked_ids, vocab) > 4
+    assert abs(z_score(ids, [t.id for t in plain.details.tokens], vocab)) < 3
+    offline = LLM(llama_dir, dtype="float32", max_batch_total_tokens=512).generate(
+        [prompt], SamplingParams(max_new_tokens=40, watermark=True, do_sample=True, seed=5))[0]
+    assert offline.token_ids == marked_ids
