@@ -122,6 +122,27 @@ def base_model_path(spec: SpeculatorSpec) -> Path:
                          f"the Hugging Face cache ({type(err).__name__})") from err
 
 
+ROPE_OVERRIDE_TYPES = ("linear", "dynamic")
+
+
+def override_rope(hf_config: dict[str, Any], kind: str, factor: float) -> dict[str, Any]:
+    """TGI's `--rope-scaling` / `--rope-factor` (env ROPE_SCALING / ROPE_FACTOR): the scaling replaces the
+    checkpoint's own (`{"type": kind, "factor": factor}`), over its rope_theta, and the longest sequence grows by
+    the factor (TGI's launcher: max_position_embeddings × factor). Written the way transformers reads it, so that
+    transformers given the same config computes the same rotations."""
+    if kind not in ROPE_OVERRIDE_TYPES:
+        raise ValueError(f"rope scaling {kind!r}: TGI's --rope-scaling takes {' or '.join(ROPE_OVERRIDE_TYPES)}")
+    if not factor > 0:
+        raise ValueError(f"rope factor must be > 0, got {factor}")
+    cfg = dict(hf_config)
+    theta = (cfg.get("rope_parameters") or {}).get("rope_theta", cfg.get("rope_theta", 10000.0))
+    params = {"rope_type": kind, "factor": float(factor), "rope_theta": theta}
+    cfg.pop("rope_scaling", None)
+    cfg["rope_parameters"] = params
+    cfg["rope_theta"] = theta
+    return cfg
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """The model directory and what the engine needs to know about it."""
@@ -133,10 +154,12 @@ class ModelConfig:
     max_model_len: int  # longest sequence (prompt + generated) the model supports
     quantize: str | None = None  # --quantize: an on-the-fly method, or the checkpoint format it must have
     speculator: SpeculatorSpec | None = None  # the Medusa / MLP-speculator heads when given a speculator directory
+    rope_override: tuple[str, float] | None = None  # --rope-scaling / --rope-factor, applied to hf_config
 
     @classmethod
-    def from_dir(cls, path: str | os.PathLike, dtype: str | torch.dtype = "auto",
-                 quantize: str | None = None) -> ModelConfig:
+    def from_dir(cls, path: str | os.PathLike, dtype: str | torch.dtype = "auto", quantize: str | None = None,
+                 rope: tuple[str, float] | None = None) -> ModelConfig:
+        """`rope`: TGI's rope override (kind, factor), see `override_rope`."""
         from loom.models.gguf_checkpoint import model_directory
 
         speculator = read_speculator(Path(path)) if Path(path).is_dir() else None
@@ -153,10 +176,14 @@ class ModelConfig:
                              f"{hf_config.get('model_type')!r} names no causal language model; cannot pick a model "
                              "implementation")
         max_len = int(hf_config.get("max_position_embeddings") or hf_config.get("n_positions") or 4096)
+        if rope is not None:
+            hf_config = override_rope(hf_config, *rope)
+            max_len = int(max_len * max(1.0, rope[1]))
         from loom.quantization.methods import check_checkpoint
 
         quantize = check_checkpoint(quantize, hf_config, path)
-        return cls(path, hf_config, resolve_dtype(dtype, hf_config), architecture, max_len, quantize, speculator)
+        return cls(path, hf_config, resolve_dtype(dtype, hf_config), architecture, max_len, quantize, speculator,
+                   tuple(rope) if rope is not None else None)  # type: ignore[arg-type]
 
     def get(self, key: str, default: Any = None) -> Any:
         return self.hf_config.get(key, default)
@@ -204,3 +231,5 @@ class EngineConfig:
     draft_model: str | None = None  # a small model with the same tokenizer that proposes the drafts
     watermark_gamma: float = 0.5  # share of the vocabulary in a watermark's green list (TGI's default)
     watermark_delta: float = 2.0  # logit bias of the green list
+    rope_scaling: str | None = None  # TGI's --rope-scaling override: "linear" or "dynamic" (needs rope_factor)
+    rope_factor: float | None = None  # TGI's --rope-factor (alone: linear scaling)

@@ -96,6 +96,7 @@ def build_run_config(args: dict[str, Any], model_id: str, model_dir: Path, run_d
         draft_model=str(draft_dir) if draft_dir is not None else None,
         watermark_gamma=args["watermark_gamma"] if args["watermark_gamma"] is not None else 0.5,
         watermark_delta=args["watermark_delta"] if args["watermark_delta"] is not None else 2.0,
+        rope_scaling=args["rope_scaling"], rope_factor=args["rope_factor"],
     )
     router = RouterSettings(
         model_id=model_id, model_dir=str(tokenizer_dir or model_dir), hostname=args["hostname"], port=args["port"],

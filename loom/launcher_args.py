@@ -63,6 +63,9 @@ SUPPORTED: list[tuple[str, Any, Any, str]] = [
     ("--watermark-gamma", float, None, "Share of the vocabulary in the green list of `watermark: true` requests "
                                        "(default 0.5, TGI's)"),
     ("--watermark-delta", float, None, "Logit bias of the green list of `watermark: true` requests (default 2.0)"),
+    ("--rope-scaling", str, None, "Override the model's RoPE scaling: linear or dynamic (with --rope-factor; "
+                                  "a factor alone means linear); the longest sequence grows by the factor"),
+    ("--rope-factor", float, None, "RoPE scaling factor (see --rope-scaling)"),
     ("--draft-model-id", str, None, "Loom extension: a small model with the same tokenizer (local directory, GGUF "
                                     "or hub id) that proposes the speculative drafts (default --speculate 4)"),
     ("--validation-workers", int, 2, "Reported by /info; tokenization runs in a thread pool"),
@@ -94,8 +97,6 @@ UNSUPPORTED: dict[str, str] = {
     "--kv-cache-dtype": "fp8 KV cache is not implemented",
     "--trust-remote-code": "remote code is never executed: Loom runs its own model implementations",
     "--lora-adapters": "LoRA adapters are not implemented",
-    "--rope-scaling": "overriding rope scaling is not supported; edit config.json instead",
-    "--rope-factor": "overriding rope scaling is not supported; edit config.json instead",
     "--cuda-graphs": "CUDA graphs are not implemented",
     "--cuda-memory-fraction": "CUDA memory fraction is not implemented",
     "--ngrok": "ngrok tunnels are not supported",
@@ -195,6 +196,12 @@ def _check(args: dict[str, Any], environ: dict[str, str]) -> dict[str, Any]:
         raise SystemExit("error: `validation_workers` must be > 0")
     if args["max_batch_size"] == 0:
         raise SystemExit("error: `max_batch_size` must be > 0")
+    if args["rope_scaling"] is not None and args["rope_scaling"] not in ("linear", "dynamic"):
+        raise SystemExit(f"error: invalid value '{args['rope_scaling']}' for '--rope-scaling': linear or dynamic")
+    if args["rope_scaling"] is not None and args["rope_factor"] is None:
+        raise SystemExit("error: `--rope-scaling` needs `--rope-factor`")
+    if args["rope_factor"] is not None and not args["rope_factor"] > 0:
+        raise SystemExit("error: `rope_factor` must be > 0")
     if args["watermark_gamma"] is not None and not 0.0 < args["watermark_gamma"] < 1.0:
         raise SystemExit("error: `watermark_gamma` must be between 0 and 1 (exclusive)")
     if args["speculate"] is not None and not 0 <= args["speculate"] <= MAX_SPECULATE:

@@ -31,6 +31,8 @@ class EngineSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     draft_model: str | None = None  # local directory of the draft model that proposes the drafts
     watermark_gamma: float = 0.5  # green-list share of `watermark: true` requests
     watermark_delta: float = 2.0  # green-list logit bias
+    rope_scaling: str | None = None  # RoPE scaling override: linear or dynamic
+    rope_factor: float | None = None  # its factor (alone: linear)
 
 
 class RouterSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

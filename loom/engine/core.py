@@ -43,6 +43,15 @@ def available_memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
+def rope_override(config: EngineConfig) -> tuple[str, float] | None:
+    """TGI's launcher rule: --rope-factor alone means linear scaling; --rope-scaling needs a factor."""
+    if config.rope_scaling is None and config.rope_factor is None:
+        return None
+    if config.rope_factor is None:
+        raise ValueError(f"--rope-scaling {config.rope_scaling} needs --rope-factor")
+    return (config.rope_scaling or "linear", float(config.rope_factor))
+
+
 # Drafts per step with a draft model when --speculate is not given (vLLM's examples and llama.cpp's default range)
 DEFAULT_DRAFT_TOKENS = 4
 
@@ -88,7 +97,7 @@ class EngineCore:
             raise ValueError(f"speculate must be >= 0, got {config.speculate}")
         if not 0.0 < config.watermark_gamma < 1.0:
             raise ValueError(f"watermark gamma must be in (0, 1), got {config.watermark_gamma}")
-        self.model_config = ModelConfig.from_dir(model_path, dtype, quantize)
+        self.model_config = ModelConfig.from_dir(model_path, dtype, quantize, rope_override(config))
         heads = self.model_config.speculator
         if heads is not None:  # TGI: speculate defaults to the speculator's head count, and may not exceed it
             if config.speculate > heads.num_heads:

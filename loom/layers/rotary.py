@@ -26,6 +26,8 @@ def rope_parameters(hf_config: dict[str, Any]) -> dict[str, Any]:
     params["rope_type"] = params.get("rope_type") or params.get("type") or "default"
     if params["rope_type"] == "longrope":
         _resolve_longrope(hf_config, params)
+    if params["rope_type"] == "dynamic":  # transformers: the config's max_position_embeddings is the pretraining length
+        params.setdefault("original_max_position_embeddings", hf_config.get("max_position_embeddings") or 2048)
     return params
 
 
@@ -96,6 +98,26 @@ def _longrope_tables(base: float, rotary_dim: int, max_positions: int, p: dict[s
     return torch.cat(parts)
 
 
+def _dynamic_ntk_tables(base: float, rotary_dim: int, max_positions: int, p: dict[str, Any]) -> torch.Tensor:
+    """(max_positions, rotary_dim/2) angles of dynamic NTK scaling: positions up to the pretraining length rotate
+    as without scaling; past it, position q uses transformers' base for a sequence of q + 1 tokens,
+    `base * (factor * (q + 1) / max_pos - (factor - 1)) ** (dim / (dim - 2))`. That is what transformers computes
+    when it generates token by token (it recomputes the frequencies as the sequence grows); its single forward
+    over a longer prompt uses the prompt's length for every position instead, which a paged, prefix-shared cache
+    cannot (a cached block must mean the same thing in every sequence that reuses it)."""
+    old_len = int(p["original_max_position_embeddings"])
+    factor = float(p["factor"])
+    exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim
+    inv_freq = 1.0 / (base**exponents)
+    short = torch.outer(torch.arange(min(old_len, max_positions), dtype=torch.float32), inv_freq)
+    if max_positions <= old_len:
+        return short
+    positions = torch.arange(old_len, max_positions, dtype=torch.float32)
+    bases = base * ((factor * (positions + 1) / old_len) - (factor - 1)) ** (rotary_dim / (rotary_dim - 2))
+    long = positions.unsqueeze(1) * (1.0 / (bases.unsqueeze(1) ** exponents))
+    return torch.cat([short, long])
+
+
 def _inv_freq(base: float, rotary_dim: int, params: dict[str, Any]) -> torch.Tensor:
     inv_freq = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim))
     if params["rope_type"] == "linear":
@@ -105,7 +127,7 @@ def _inv_freq(base: float, rotary_dim: int, params: dict[str, Any]) -> torch.Ten
     return inv_freq
 
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "longrope")
 
 
 class RotaryEmbedding(nn.Module):
@@ -126,6 +148,8 @@ class RotaryEmbedding(nn.Module):
         if rope_type == "longrope":
             freqs = _longrope_tables(base, rotary_dim, max_positions, params)  # (P, rotary_dim/2)
             scale = _longrope_attention_factor(params)
+        elif rope_type == "dynamic":
+            freqs = _dynamic_ntk_tables(base, rotary_dim, max_positions, params)
         else:
             freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), _inv_freq(base, rotary_dim, params))
         emb = torch.cat((freqs, freqs), dim=-1)  # (P, rotary_dim)

@@ -29,6 +29,7 @@ class LoadModel:
     num_blocks: int
     block_size: int
     quantize: str | None = None  # --quantize, so every rank quantizes its shard the same way
+    rope: tuple[str, float] | None = None  # --rope-scaling / --rope-factor, so every rank rotates the same way
 
 
 @dataclass(frozen=True)

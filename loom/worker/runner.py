@@ -109,7 +109,7 @@ class ModelRunner:
         if self.tp.size > 1 and self.tp.is_driver:
             dtype = str(model_config.dtype).removeprefix("torch.")
             self._send(shard.LoadModel(str(model_config.path), dtype, model_config.architecture, num_blocks,
-                                       block_size, model_config.quantize))
+                                       block_size, model_config.quantize, model_config.rope_override))
         # CPU kernels compile (first start on a machine) or load from the cache while the weights load
         kernels = threading.Thread(target=prebuild, name="loom-kernel-build", daemon=True)
         if self.device.type == "cpu":

@@ -59,7 +59,8 @@ def run_worker(device: str = "cpu", model_dir: str | None = None) -> None:
 
 
 def _load(msg: shard.LoadModel, device: str, model_dir: str | None) -> ModelRunner:
-    config = ModelConfig.from_dir(model_dir or msg.model_dir, msg.dtype, msg.quantize)
+    config = ModelConfig.from_dir(model_dir or msg.model_dir, msg.dtype, msg.quantize,
+                                  tuple(msg.rope) if msg.rope else None)  # type: ignore[arg-type]
     if config.architecture != msg.architecture:
         raise ValueError(f"rank {get_tp_group().rank}: {config.path} is a {config.architecture}, but rank 0 "
                          f"loads a {msg.architecture}; every rank needs the same model")
