@@ -155,11 +155,13 @@ class ModelConfig:
     quantize: str | None = None  # --quantize: an on-the-fly method, or the checkpoint format it must have
     speculator: SpeculatorSpec | None = None  # the Medusa / MLP-speculator heads when given a speculator directory
     rope_override: tuple[str, float] | None = None  # --rope-scaling / --rope-factor, applied to hf_config
+    trust_remote_code: bool = False  # --trust-remote-code: custom modeling code may run (transformers fallback)
 
     @classmethod
     def from_dir(cls, path: str | os.PathLike, dtype: str | torch.dtype = "auto", quantize: str | None = None,
-                 rope: tuple[str, float] | None = None) -> ModelConfig:
-        """`rope`: TGI's rope override (kind, factor), see `override_rope`."""
+                 rope: tuple[str, float] | None = None, trust_remote_code: bool = False) -> ModelConfig:
+        """`rope`: TGI's rope override (kind, factor), see `override_rope`. `trust_remote_code`: a checkpoint
+        whose config maps to its own modeling code (`auto_map`) may run it (the transformers fallback)."""
         from loom.models.gguf_checkpoint import model_directory
 
         speculator = read_speculator(Path(path)) if Path(path).is_dir() else None
@@ -183,7 +185,7 @@ class ModelConfig:
 
         quantize = check_checkpoint(quantize, hf_config, path)
         return cls(path, hf_config, resolve_dtype(dtype, hf_config), architecture, max_len, quantize, speculator,
-                   tuple(rope) if rope is not None else None)  # type: ignore[arg-type]
+                   tuple(rope) if rope is not None else None, trust_remote_code)  # type: ignore[arg-type]
 
     def get(self, key: str, default: Any = None) -> Any:
         return self.hf_config.get(key, default)
@@ -233,3 +235,4 @@ class EngineConfig:
     watermark_delta: float = 2.0  # logit bias of the green list
     rope_scaling: str | None = None  # TGI's --rope-scaling override: "linear" or "dynamic" (needs rope_factor)
     rope_factor: float | None = None  # TGI's --rope-factor (alone: linear scaling)
+    trust_remote_code: bool = False  # TGI's --trust-remote-code: custom modeling code runs (transformers fallback)

@@ -97,6 +97,7 @@ def build_run_config(args: dict[str, Any], model_id: str, model_dir: Path, run_d
         watermark_gamma=args["watermark_gamma"] if args["watermark_gamma"] is not None else 0.5,
         watermark_delta=args["watermark_delta"] if args["watermark_delta"] is not None else 2.0,
         rope_scaling=args["rope_scaling"], rope_factor=args["rope_factor"],
+        trust_remote_code=bool(args["trust_remote_code"]),
     )
     router = RouterSettings(
         model_id=model_id, model_dir=str(tokenizer_dir or model_dir), hostname=args["hostname"], port=args["port"],

@@ -66,6 +66,8 @@ SUPPORTED: list[tuple[str, Any, Any, str]] = [
     ("--rope-scaling", str, None, "Override the model's RoPE scaling: linear or dynamic (with --rope-factor; "
                                   "a factor alone means linear); the longest sequence grows by the factor"),
     ("--rope-factor", float, None, "RoPE scaling factor (see --rope-scaling)"),
+    ("--trust-remote-code", "flag", False, "Run a checkpoint's own modeling code (config.json `auto_map`) through "
+                                            "the transformers path; without it such checkpoints are refused"),
     ("--draft-model-id", str, None, "Loom extension: a small model with the same tokenizer (local directory, GGUF "
                                     "or hub id) that proposes the speculative drafts (default --speculate 4)"),
     ("--validation-workers", int, 2, "Reported by /info; tokenization runs in a thread pool"),
@@ -95,7 +97,6 @@ MAX_SPECULATE = 16
 # TGI flags Loom parses but refuses (with the reason) when set.
 UNSUPPORTED: dict[str, str] = {
     "--kv-cache-dtype": "fp8 KV cache is not implemented",
-    "--trust-remote-code": "remote code is never executed: Loom runs its own model implementations",
     "--lora-adapters": "LoRA adapters are not implemented",
     "--cuda-graphs": "CUDA graphs are not implemented",
     "--cuda-memory-fraction": "CUDA memory fraction is not implemented",
@@ -105,7 +106,7 @@ UNSUPPORTED: dict[str, str] = {
     "--weights-cache-override": "not supported; pass a local directory as --model-id",
     "--shard-uds-path": "Loom picks a unique socket per server instance itself",
 }
-_UNSUPPORTED_SWITCHES = {"--trust-remote-code", "--ngrok"}
+_UNSUPPORTED_SWITCHES = {"--ngrok"}
 
 
 def env_name(flag: str) -> str:

@@ -33,6 +33,7 @@ class EngineSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     watermark_delta: float = 2.0  # green-list logit bias
     rope_scaling: str | None = None  # RoPE scaling override: linear or dynamic
     rope_factor: float | None = None  # its factor (alone: linear)
+    trust_remote_code: bool = False  # a checkpoint's own modeling code may run
 
 
 class RouterSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

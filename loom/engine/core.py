@@ -97,7 +97,8 @@ class EngineCore:
             raise ValueError(f"speculate must be >= 0, got {config.speculate}")
         if not 0.0 < config.watermark_gamma < 1.0:
             raise ValueError(f"watermark gamma must be in (0, 1), got {config.watermark_gamma}")
-        self.model_config = ModelConfig.from_dir(model_path, dtype, quantize, rope_override(config))
+        self.model_config = ModelConfig.from_dir(model_path, dtype, quantize, rope_override(config),
+                                                 config.trust_remote_code)
         heads = self.model_config.speculator
         if heads is not None:  # TGI: speculate defaults to the speculator's head count, and may not exceed it
             if config.speculate > heads.num_heads:

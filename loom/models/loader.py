@@ -75,7 +75,7 @@ def iter_checkpoint(model_dir: Path, stack: ExitStack, hf_config: dict[str, Any]
 
 
 def load_model(config: ModelConfig, device: torch.device | str = "cpu") -> nn.Module:
-    cls = resolve_model_class(config.architecture, config.hf_config)
+    cls = resolve_model_class(config.architecture, config.hf_config, config.trust_remote_code)
     from_model_config = getattr(cls, "from_model_config", None)
     if from_model_config is not None:
         # A class that loads itself (the transformers fallback) also checks its own weights are complete.

@@ -49,10 +49,25 @@ def supported_architectures() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def resolve_model_class(architecture: str, hf_config: dict[str, Any] | None = None) -> type[nn.Module]:
+def resolve_model_class(architecture: str, hf_config: dict[str, Any] | None = None,
+                        trust_remote_code: bool = False) -> type[nn.Module]:
     """The class implementing `architecture`; with `hf_config` (config.json), an unregistered architecture that
-    transformers runs as a causal LM resolves to the generic fallback."""
+    transformers runs as a causal LM resolves to the generic fallback, and so does one whose config maps to its own
+    modeling code (`auto_map`) when `trust_remote_code` (TGI's rule; without it, TGI's refusal)."""
     entry = _REGISTRY.get(architecture)
+    custom = (hf_config or {}).get("auto_map") or {}
+    if entry is None and "AutoModelForCausalLM" in custom:
+        if not trust_remote_code:
+            raise ValueError(
+                f"Unsupported model type {(hf_config or {}).get('model_type')}: its config.json maps to custom "
+                f"modeling code ({custom['AutoModelForCausalLM']}); pass --trust-remote-code (TRUST_REMOTE_CODE=true) "
+                "to run that code, after reading it"
+            )
+        logger.warning(
+            "`trust_remote_code` is set: running the model's own code %s through the slower generic transformers "
+            "path (over Loom's paged KV cache, no tensor parallelism)", custom["AutoModelForCausalLM"],
+        )
+        entry = _FALLBACK
     if entry is None and hf_config is not None:
         fallback = importlib.import_module(_FALLBACK[0])
         if fallback.transformers_can_run(architecture, hf_config):  # raises for encoder-decoder / multimodal

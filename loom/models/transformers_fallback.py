@@ -136,15 +136,23 @@ class TransformersForCausalLM(nn.Module):
         if get_tp_group().size > 1:
             raise ValueError(f"{arch} runs through the generic transformers path, which has no tensor parallelism; "
                              "serve it with --num-shard 1")
-        hf_cls = getattr(transformers, arch)
+        remote = cfg.trust_remote_code and "AutoModelForCausalLM" in (cfg.get("auto_map") or {})
+        if remote:  # the checkpoint's own modeling code (--trust-remote-code)
+            from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+            hf_cls = get_class_from_dynamic_module(cfg.get("auto_map")["AutoModelForCausalLM"], str(cfg.path),
+                                                   local_files_only=True)
+        else:
+            hf_cls = getattr(transformers, arch)
         if not hf_cls._can_set_attn_implementation():
             raise ValueError(f"{arch}'s attention does not go through transformers' AttentionInterface, so the "
                              "generic path cannot run it over Loom's paged KV cache")
-        hf_config = transformers.AutoConfig.from_pretrained(str(cfg.path), local_files_only=True)
+        hf_config = transformers.AutoConfig.from_pretrained(str(cfg.path), local_files_only=True,
+                                                            trust_remote_code=remote)
         _check_layer_types(arch, hf_config)
         model, info = hf_cls.from_pretrained(
             str(cfg.path), config=hf_config, dtype=cfg.dtype, attn_implementation=ATTN_IMPLEMENTATION,
-            output_loading_info=True, local_files_only=True,
+            output_loading_info=True, local_files_only=True, trust_remote_code=remote,
         )
         problems = {k: sorted(map(str, info[k]))[:10] for k in ("missing_keys", "unexpected_keys",
                                                                   "mismatched_keys", "error_msgs") if info[k]}

@@ -39,7 +39,6 @@ def test_legacy_max_input_length():
 @pytest.mark.parametrize("argv, env, message", [
     (["--quantize", "int3"], {}, "'int3' is not a TGI quantization method; Loom takes eetq, bitsandbytes"),
     ([], {"QUANTIZE": "exl2"}, "--quantize exl2: ExLlamaV2 checkpoints are not supported"),
-    (["--trust-remote-code"], {}, "remote code is never executed"),
     (["--lora-adapters", "a"], {}, "LoRA"),
 ])
 def test_unsupported_flags_are_refused(argv, env, message):
