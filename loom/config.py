@@ -236,3 +236,4 @@ class EngineConfig:
     rope_scaling: str | None = None  # TGI's --rope-scaling override: "linear" or "dynamic" (needs rope_factor)
     rope_factor: float | None = None  # TGI's --rope-factor (alone: linear scaling)
     trust_remote_code: bool = False  # TGI's --trust-remote-code: custom modeling code runs (transformers fallback)
+    kv_cache_dtype: str | None = None  # TGI's --kv-cache-dtype: "fp8_e4m3fn" or "fp8_e5m2"; None: the model's dtype

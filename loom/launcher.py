@@ -34,8 +34,20 @@ SHUTDOWN_SLACK_SECONDS = 10
 FAILURE_GRACE_SECONDS = 5  # after a child died: the others get this long to exit on SIGTERM, then SIGKILL
 
 
-def resolve_model(model_id: str | None, revision: str | None) -> tuple[str, Path]:
-    """(name to report, local directory). A local directory is used as is; anything else is a hub id."""
+def resolve_model(model_id: str | None, revision: str | None,
+                  weights_override: str | None = None) -> tuple[str, Path]:
+    """(name to report, local directory). A local directory is used as is; anything else is a hub id.
+    `weights_override` (TGI's --weights-cache-override): the directory the files are in, whatever the id."""
+    if weights_override is not None:
+        override = Path(weights_override).expanduser()
+        if not override.exists():
+            raise SystemExit(f"error: --weights-cache-override {weights_override}: no such file or directory")
+        from loom.models.gguf_checkpoint import GGUFError, model_directory
+
+        try:
+            return model_id or str(override), model_directory(override.resolve())
+        except GGUFError as err:
+            raise SystemExit(f"error: {err}") from err
     if model_id is None:
         from loom.demo import default_model
 
@@ -98,6 +110,7 @@ def build_run_config(args: dict[str, Any], model_id: str, model_dir: Path, run_d
         watermark_delta=args["watermark_delta"] if args["watermark_delta"] is not None else 2.0,
         rope_scaling=args["rope_scaling"], rope_factor=args["rope_factor"],
         trust_remote_code=bool(args["trust_remote_code"]),
+        kv_cache_dtype=args["kv_cache_dtype"],
     )
     router = RouterSettings(
         model_id=model_id, model_dir=str(tokenizer_dir or model_dir), hostname=args["hostname"], port=args["port"],
@@ -163,7 +176,8 @@ class Launcher:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
         try:
-            model_id, model_dir = resolve_model(self.args["model_id"], self.args["revision"])
+            model_id, model_dir = resolve_model(self.args["model_id"], self.args["revision"],
+                                                self.args["weights_cache_override"])
             base_dir = base_of_speculator(model_dir)
             check_quantize(self.args, base_dir)
             check_shards(self.args, base_dir)

@@ -68,6 +68,10 @@ SUPPORTED: list[tuple[str, Any, Any, str]] = [
     ("--rope-factor", float, None, "RoPE scaling factor (see --rope-scaling)"),
     ("--trust-remote-code", "flag", False, "Run a checkpoint's own modeling code (config.json `auto_map`) through "
                                             "the transformers path; without it such checkpoints are refused"),
+    ("--weights-cache-override", str, None, "A local directory holding the model's files: loaded instead of "
+                                            "resolving --model-id (which is still the name reported)"),
+    ("--kv-cache-dtype", str, None, "Store the KV cache as fp8_e4m3fn or fp8_e5m2 (unscaled): twice the tokens in "
+                                    "the same memory"),
     ("--draft-model-id", str, None, "Loom extension: a small model with the same tokenizer (local directory, GGUF "
                                     "or hub id) that proposes the speculative drafts (default --speculate 4)"),
     ("--validation-workers", int, 2, "Reported by /info; tokenization runs in a thread pool"),
@@ -96,14 +100,17 @@ MAX_SPECULATE = 16
 
 # TGI flags Loom parses but refuses (with the reason) when set.
 UNSUPPORTED: dict[str, str] = {
-    "--kv-cache-dtype": "fp8 KV cache is not implemented",
     "--lora-adapters": "LoRA adapters are not implemented",
-    "--cuda-graphs": "CUDA graphs are not implemented",
-    "--cuda-memory-fraction": "CUDA memory fraction is not implemented",
-    "--ngrok": "ngrok tunnels are not supported",
-    "--ngrok-authtoken": "ngrok tunnels are not supported",
-    "--ngrok-edge": "ngrok tunnels are not supported",
-    "--weights-cache-override": "not supported; pass a local directory as --model-id",
+    "--ngrok": "ngrok tunnels are not supported (Loom opens no tunnels to the internet)",
+    "--ngrok-authtoken": "ngrok tunnels are not supported (Loom opens no tunnels to the internet)",
+    "--ngrok-edge": "ngrok tunnels are not supported (Loom opens no tunnels to the internet)",
+}
+
+# TGI flags that do not apply to how Loom runs: accepted (a deployment that sets them still starts), with a
+# one-line note that they change nothing, as TGI does for knobs of another backend.
+NOT_APPLICABLE: dict[str, str] = {
+    "--cuda-graphs": "Loom captures no CUDA graphs (its CPU path has none to capture)",
+    "--cuda-memory-fraction": "the KV cache is sized from --max-batch-total-tokens or available RAM, not CUDA memory",
     "--shard-uds-path": "Loom picks a unique socket per server instance itself",
 }
 _UNSUPPORTED_SWITCHES = {"--ngrok"}
@@ -128,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             shown = f" (default: {default})" if default is not None else ""
             p.add_argument(flag, type=typ, default=None, help=f"{help_text}{shown} [env: {env}]")
+    ignored = p.add_argument_group("TGI flags that do not apply to Loom (accepted with a note)")
+    for flag, reason in NOT_APPLICABLE.items():
+        ignored.add_argument(flag, default=None, help=reason)
     unsupported = p.add_argument_group("TGI flags Loom refuses (listed so that using one fails clearly)")
     for flag, reason in UNSUPPORTED.items():
         if flag in _UNSUPPORTED_SWITCHES:
@@ -146,6 +156,11 @@ def resolve(argv: list[str] | None = None, environ: dict[str, str] | None = None
         value = ns.get(key) if ns.get(key) is not None else environ.get(env_name(flag))
         if value not in (None, False, ""):
             raise SystemExit(f"error: {flag} is not supported by Loom: {reason}")
+    for flag, reason in NOT_APPLICABLE.items():
+        key = flag.lstrip("-").replace("-", "_")
+        value = ns.get(key) if ns.get(key) is not None else environ.get(env_name(flag))
+        if value not in (None, ""):
+            logger.warning("note: %s=%s does not apply: %s", flag, value, reason)
     out: dict[str, Any] = {}
     for flag, typ, default, _ in SUPPORTED:
         key = flag.lstrip("-").replace("-", "_")
@@ -197,6 +212,9 @@ def _check(args: dict[str, Any], environ: dict[str, str]) -> dict[str, Any]:
         raise SystemExit("error: `validation_workers` must be > 0")
     if args["max_batch_size"] == 0:
         raise SystemExit("error: `max_batch_size` must be > 0")
+    if args["kv_cache_dtype"] is not None and args["kv_cache_dtype"] not in ("fp8_e4m3fn", "fp8_e5m2"):
+        raise SystemExit(f"error: invalid value '{args['kv_cache_dtype']}' for '--kv-cache-dtype': fp8_e4m3fn or "
+                         "fp8_e5m2")
     if args["rope_scaling"] is not None and args["rope_scaling"] not in ("linear", "dynamic"):
         raise SystemExit(f"error: invalid value '{args['rope_scaling']}' for '--rope-scaling': linear or dynamic")
     if args["rope_scaling"] is not None and args["rope_factor"] is None:

@@ -34,6 +34,7 @@ class EngineSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     rope_scaling: str | None = None  # RoPE scaling override: linear or dynamic
     rope_factor: float | None = None  # its factor (alone: linear)
     trust_remote_code: bool = False  # a checkpoint's own modeling code may run
+    kv_cache_dtype: str | None = None  # fp8_e4m3fn or fp8_e5m2; None: the model's dtype
 
 
 class RouterSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -80,11 +80,28 @@ def kv_cache_tokens(model: ModelConfig, config: EngineConfig, max_total_tokens: 
     if config.max_batch_total_tokens is not None:
         return config.max_batch_total_tokens
     copies = max(1.0, tp_size / model.num_kv_heads)
-    by_memory = int(available_memory_bytes() * config.kv_memory_fraction / copies) // model.kv_bytes_per_token()
+    kv_dtype = kv_cache_dtype(config)
+    per_token = model.kv_bytes_per_token(kv_dtype)
+    by_memory = int(available_memory_bytes() * config.kv_memory_fraction / copies) // per_token
     tokens = min(by_memory, config.max_batch_size * max_total_tokens)
     if torch.device(device).type == "cpu":
-        tokens = min(tokens, DEFAULT_MAX_KV_TOKENS_CPU)
+        # the cap is in bytes of a 16-bit cache: an fp8 cache holds twice the tokens in it
+        tokens = min(tokens, DEFAULT_MAX_KV_TOKENS_CPU * model.kv_bytes_per_token(torch.bfloat16) // per_token)
     return max(tokens, config.block_size)
+
+
+KV_CACHE_DTYPES = {"fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+
+
+def kv_cache_dtype(config: EngineConfig) -> torch.dtype | None:
+    """TGI's --kv-cache-dtype: None keeps the model's dtype."""
+    if config.kv_cache_dtype is None:
+        return None
+    dtype = KV_CACHE_DTYPES.get(config.kv_cache_dtype)
+    if dtype is None:
+        raise ValueError(f"kv_cache_dtype {config.kv_cache_dtype!r}: TGI's --kv-cache-dtype takes "
+                         f"{' or '.join(KV_CACHE_DTYPES)}")
+    return dtype
 
 
 class EngineCore:
@@ -123,7 +140,8 @@ class EngineCore:
         self.runner = ModelRunner(self.model_config, num_blocks, config.block_size, device,
                                   num_speculative_heads=config.speculate if heads is not None else 0,
                                   draft_model=draft, num_draft_tokens=config.speculate,
-                                  watermark=Watermark(config.watermark_gamma, config.watermark_delta))
+                                  watermark=Watermark(config.watermark_gamma, config.watermark_delta),
+                                  kv_cache_dtype=kv_cache_dtype(config))
         if config.max_batch_prefill_tokens is None:
             self.config = config = replace(config, max_batch_prefill_tokens=self._default_prefill_budget(device))
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
@@ -132,8 +150,9 @@ class EngineCore:
         self.last_forward_seconds = 0.0  # the latest step's forward pass (the engine server reports it)
         self.grammar = GrammarGuide(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
         logger.info(
-            "engine ready: %s (%s), KV cache %d blocks × %d tokens, max total tokens %d",
+            "engine ready: %s (%s), KV cache %d blocks × %d tokens (%s), max total tokens %d",
             self.model_config.architecture, self.model_config.dtype, num_blocks, config.block_size,
+            config.kv_cache_dtype or "model dtype",
             self.max_total_tokens,
         )
 

@@ -33,9 +33,12 @@ class Attention(nn.Module):
         ctx = get_forward_context()
         meta = ctx.attn
         cache = ctx.kv_caches[self.layer_idx]  # (2, slots, Hkv, D)
-        if not paged_decode_cpu.store_kv(cache, meta.slot_mapping, k, v):
-            cache[0].index_copy_(0, meta.slot_mapping, k)
-            cache[1].index_copy_(0, meta.slot_mapping, v)
+        # an fp8 cache (--kv-cache-dtype) stores the values rounded to it, unscaled; this step's fresh prompt
+        # tokens still attend to their own unrounded keys and values, as TGI's prefill does
+        k_stored, v_stored = (k, v) if cache.dtype == k.dtype else (k.to(cache.dtype), v.to(cache.dtype))
+        if not paged_decode_cpu.store_kv(cache, meta.slot_mapping, k_stored, v_stored):
+            cache[0].index_copy_(0, meta.slot_mapping, k_stored)
+            cache[1].index_copy_(0, meta.slot_mapping, v_stored)
         if meta.num_decodes == q.shape[0]:  # a step of decodes only: no output to assemble
             return self._decode(q, cache, meta)
         out = torch.empty_like(q)
@@ -67,7 +70,14 @@ class Attention(nn.Module):
         return self._decode(q, cache, meta)
 
     def _decode(self, q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        if self.softcap is None and q.device.type == "cpu" and paged_decode_cpu.load() is not None:
+        if cache.dtype in paged_decode_cpu.FP8_DTYPES and self.softcap is None and q.device.type == "cpu" \
+                and paged_decode_cpu.load() is not None:
+            return paged_decode_cpu.paged_decode_fp8(
+                q, cache[0], cache[1], meta.decode_block_tables, meta.decode_lens, meta.block_size, self.scale,
+                self.sliding_window,
+            )
+        if cache.dtype == q.dtype and self.softcap is None and q.device.type == "cpu" \
+                and paged_decode_cpu.load() is not None:
             # reads each cached key/value once, straight from the blocks (no gather, no cast copies)
             return paged_decode_cpu.paged_decode(
                 q, cache[0], cache[1], meta.decode_block_tables, meta.decode_lens, meta.block_size, self.scale,
@@ -75,10 +85,13 @@ class Attention(nn.Module):
             )
         keys = cache[0][meta.decode_slots].transpose(1, 2)  # (Bd, Hkv, Lmax, D)
         values = cache[1][meta.decode_slots].transpose(1, 2)
+        out_dtype = q.dtype
+        if keys.dtype != q.dtype:  # an fp8 cache
+            keys, values = keys.to(q.dtype), values.to(q.dtype)
         q = q.unsqueeze(2)  # (Bd, Hq, 1, D)
         if self.softcap is not None:
             o = self._softcapped(q, keys, values, meta.decode_mask(self.sliding_window))  # (Bd, Hq, 1, D)
-            return o.squeeze(2).to(cache.dtype)
+            return o.squeeze(2).to(q.dtype)
         # NOTE: torch's CPU SDPA with a mask is ~6x slower in bf16 than in fp32 for single-token queries
         # (measured: 8.2 ms vs 1.3 ms incl. the casts, batch 16, 272 keys), so decode attention runs in fp32.
         upcast = q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16)
@@ -87,12 +100,12 @@ class Attention(nn.Module):
         o = F.scaled_dot_product_attention(
             q, keys, values, attn_mask=meta.decode_mask(self.sliding_window), scale=self.scale, enable_gqa=True,
         )  # (Bd, Hq, 1, D)
-        return o.squeeze(2).to(cache.dtype)
+        return o.squeeze(2).to(out_dtype)
 
     def _prefill(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor, span: PrefillSpan
     ) -> torch.Tensor:
-        if prefill_attention_cpu.applies(q, self.head_dim, self.softcap):
+        if cache.dtype == q.dtype and prefill_attention_cpu.applies(q, self.head_dim, self.softcap):
             # bf16 dot products straight from the cache (this step's K/V are written already): 3-4x SDPA's flash
             # kernel on a 256-token prompt, and a continued chunk needs no gather
             return prefill_attention_cpu.prefill_attention(q, cache[0], cache[1], span.slots,
@@ -103,8 +116,8 @@ class Attention(nn.Module):
         fresh = span.ctx_len == span.q_len
         if fresh and (self.sliding_window is None or span.q_len <= self.sliding_window):
             return self._sdpa(qh, k.transpose(0, 1), v.transpose(0, 1), None).transpose(0, 1)
-        keys = cache[0][span.slots].transpose(0, 1)  # (Hkv, ctx_len, D)
-        values = cache[1][span.slots].transpose(0, 1)
+        keys = cache[0][span.slots].transpose(0, 1).to(q.dtype)  # (Hkv, ctx_len, D); an fp8 cache widens here
+        values = cache[1][span.slots].transpose(0, 1).to(q.dtype)
         return self._sdpa(qh, keys, values, self._prefill_mask(span)).transpose(0, 1)
 
     def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

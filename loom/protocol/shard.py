@@ -30,6 +30,7 @@ class LoadModel:
     block_size: int
     quantize: str | None = None  # --quantize, so every rank quantizes its shard the same way
     rope: tuple[str, float] | None = None  # --rope-scaling / --rope-factor, so every rank rotates the same way
+    kv_cache_dtype: str | None = None  # torch dtype name of the KV cache when not the model's (fp8)
 
 
 @dataclass(frozen=True)

@@ -101,15 +101,16 @@ class GuidedMasks:
 class ModelRunner:
     def __init__(self, model_config: ModelConfig, num_blocks: int, block_size: int, device: str = "cpu",
                  num_speculative_heads: int = 0, draft_model: ModelConfig | None = None, num_draft_tokens: int = 0,
-                 watermark: Watermark | None = None):
+                 watermark: Watermark | None = None, kv_cache_dtype: torch.dtype | None = None):
         self.model_config = model_config
         self.device = torch.device(device)
         self.block_size = block_size
         self.tp = get_tp_group()
         if self.tp.size > 1 and self.tp.is_driver:
             dtype = str(model_config.dtype).removeprefix("torch.")
+            kv_dtype = str(kv_cache_dtype).removeprefix("torch.") if kv_cache_dtype is not None else None
             self._send(shard.LoadModel(str(model_config.path), dtype, model_config.architecture, num_blocks,
-                                       block_size, model_config.quantize, model_config.rope_override))
+                                       block_size, model_config.quantize, model_config.rope_override, kv_dtype))
         # CPU kernels compile (first start on a machine) or load from the cache while the weights load
         kernels = threading.Thread(target=prebuild, name="loom-kernel-build", daemon=True)
         if self.device.type == "cpu":
@@ -127,7 +128,8 @@ class ModelRunner:
             logger.info("%d linear layers use packed bf16 weights", packed)
         kv_heads = kv_head_range(model_config.num_kv_heads, self.tp)[1]
         shape = (2, num_blocks * block_size, kv_heads, model_config.head_dim)
-        self.kv_caches = [zeroed(shape, model_config.dtype, self.device) for _ in range(model_config.num_layers)]
+        self.kv_cache_dtype = kv_cache_dtype or model_config.dtype
+        self.kv_caches = [zeroed(shape, self.kv_cache_dtype, self.device) for _ in range(model_config.num_layers)]
         self._block_offsets = torch.arange(block_size, device=self.device)
         self.seqs: dict[str, _SeqState] = {}  # the requests this runner holds; written by `_apply` only
         self.sampler = Sampler(watermark)

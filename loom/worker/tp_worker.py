@@ -64,7 +64,8 @@ def _load(msg: shard.LoadModel, device: str, model_dir: str | None) -> ModelRunn
     if config.architecture != msg.architecture:
         raise ValueError(f"rank {get_tp_group().rank}: {config.path} is a {config.architecture}, but rank 0 "
                          f"loads a {msg.architecture}; every rank needs the same model")
-    return ModelRunner(config, msg.num_blocks, msg.block_size, device)
+    kv_dtype = getattr(torch, msg.kv_cache_dtype) if msg.kv_cache_dtype else None
+    return ModelRunner(config, msg.num_blocks, msg.block_size, device, kv_cache_dtype=kv_dtype)
 
 
 def stop_workers() -> None:

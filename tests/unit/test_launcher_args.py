@@ -95,3 +95,22 @@ def test_kernels_switch_off_without_compiling(monkeypatch):
     monkeypatch.setenv("LOOM_DISABLE_CPU_KERNELS", "1")
     monkeypatch.setattr(build, "_built", {})
     assert build.load_kernel("loom_never_built", "this is not C++") is None
+
+
+def test_gpu_only_flags_are_accepted_with_a_note(caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        args = resolve(["--cuda-graphs", "1,2,4"], environ={"CUDA_MEMORY_FRACTION": "0.9"})
+    assert "quantize" in args  # resolved, not refused
+    notes = [r.getMessage() for r in caplog.records]
+    assert any("--cuda-graphs=1,2,4 does not apply" in n for n in notes)
+    assert any("--cuda-memory-fraction=0.9 does not apply" in n for n in notes)
+
+
+def test_weights_cache_override_names_the_directory(llama_dir, tmp_path):
+    from loom.launcher import resolve_model
+
+    assert resolve_model("org/some-model", None, str(llama_dir)) == ("org/some-model", llama_dir.resolve())
+    with pytest.raises(SystemExit, match="no such file or directory"):
+        resolve_model("org/some-model", None, str(tmp_path / "missing"))

@@ -22,7 +22,7 @@ _SOURCE = kernel_source("paged_decode_cpu.cpp")
 
 def load():
     """The compiled extension, or None if it cannot be built here (or LOOM_DISABLE_CPU_KERNELS=1)."""
-    return load_kernel("loom_paged_decode_cpu_v15", _SOURCE, ("-ffast-math",))
+    return load_kernel("loom_paged_decode_cpu_v16", _SOURCE, ("-ffast-math",))
 
 
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
@@ -32,6 +32,18 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     assert module is not None
     return module.paged_decode(q.contiguous(), k_cache, v_cache, block_tables, lens, block_size, scale,
                                window if window else -1)
+
+
+def paged_decode_fp8(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                     lens: torch.Tensor, block_size: int, scale: float, window: int | None) -> torch.Tensor:
+    """`paged_decode` over fp8 caches (float8_e4m3fn or float8_e5m2): q and the output in the activation dtype."""
+    module = load()
+    assert module is not None
+    return module.paged_decode_fp8(q.contiguous(), k_cache, v_cache, block_tables, lens, block_size, scale,
+                                   window if window else -1)
+
+
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 def store_kv(cache: torch.Tensor, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:

@@ -2,6 +2,8 @@
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+#include <c10/util/Float8_e4m3fn.h>
+#include <c10/util/Float8_e5m2.h>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -30,10 +32,23 @@ template <> inline float to_f<c10::BFloat16>(c10::BFloat16 x) {
   return f;
 }
 
+// fp8 caches (--kv-cache-dtype): every byte's value, once, so that a vector of cached bytes widens to fp32 with one
+// gather (there is no e4m3 → fp32 instruction; e5m2 could go through fp16, but one path serves both formats).
+template <typename C> static const float* fp8_table() {
+  static const std::vector<float> table = [] {
+    std::vector<float> t(256);
+    for (int i = 0; i < 256; ++i) t[i] = static_cast<float>(C(static_cast<uint8_t>(i), C::from_bits()));
+    return t;
+  }();
+  return table.data();
+}
+template <> inline float to_f<c10::Float8_e4m3fn>(c10::Float8_e4m3fn x) { return fp8_table<c10::Float8_e4m3fn>()[x.x]; }
+template <> inline float to_f<c10::Float8_e5m2>(c10::Float8_e5m2 x) { return fp8_table<c10::Float8_e5m2>()[x.x]; }
+
 // out[b, h, :] = softmax(q[b, h] . K[ctx(b), h/G] * scale) @ V[ctx(b), h/G]
-// q: (B, Hq, D); caches: (slots, Hkv, D); block_tables: (B, max_blocks) int32; lens: (B,) int32.
-template <typename T>
-static void decode_kernel(const T* q, const T* kc, const T* vc, const int32_t* bt, const int32_t* lens, T* out,
+// q: (B, Hq, D); caches: (slots, Hkv, D) of T, or of fp8 (C); block_tables: (B, max_blocks) int32; lens: (B,) int32.
+template <typename T, typename C = T>
+static void decode_kernel(const T* q, const C* kc, const C* vc, const int32_t* bt, const int32_t* lens, T* out,
                           int64_t B, int64_t Hq, int64_t Hkv, int64_t D, int64_t max_blocks, int64_t bs,
                           float scale, int64_t window) {
   const int64_t G = Hq / Hkv;
@@ -50,7 +65,7 @@ static void decode_kernel(const T* q, const T* kc, const T* vc, const int32_t* b
       const int32_t* table = bt + b * max_blocks;
       for (int64_t t = first; t < len; ++t) {
         const int64_t slot = (int64_t)table[t / bs] * bs + t % bs;
-        const T* k = kc + (slot * Hkv + h) * D;
+        const C* k = kc + (slot * Hkv + h) * D;
         float* kf = row.data();
         for (int64_t d = 0; d < D; ++d) kf[d] = to_f(k[d]);  // one conversion, shared by the G query heads
         for (int64_t g = 0; g < G; ++g) {
@@ -65,7 +80,7 @@ static void decode_kernel(const T* q, const T* kc, const T* vc, const int32_t* b
       softmax_rows(scores.data(), G, n);
       for (int64_t t = first; t < len; ++t) {
         const int64_t slot = (int64_t)table[t / bs] * bs + t % bs;
-        const T* v = vc + (slot * Hkv + h) * D;
+        const C* v = vc + (slot * Hkv + h) * D;
         float* vf = row.data();
         for (int64_t d = 0; d < D; ++d) vf[d] = to_f(v[d]);
         for (int64_t g = 0; g < G; ++g) {
@@ -103,6 +118,12 @@ struct Avx512 {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
   }
   static reg load(const c10::Half* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+  template <typename C> static reg load_fp8(const C* p) {
+    const __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm512_i32gather_ps(idx, fp8_table<C>(), 4);
+  }
+  static reg load(const c10::Float8_e4m3fn* p) { return load_fp8(p); }
+  static reg load(const c10::Float8_e5m2* p) { return load_fp8(p); }
   static void store(float* p, reg v) { _mm512_storeu_ps(p, v); }
   static void store(c10::BFloat16* p, reg v) {
     __m512i bits = _mm512_castps_si512(v);  // round to nearest even, as c10::BFloat16 does (finite values)
@@ -136,6 +157,12 @@ struct Avx2 {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
   }
   static reg load(const c10::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+  template <typename C> static reg load_fp8(const C* p) {
+    const __m256i idx = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_i32gather_ps(fp8_table<C>(), idx, 4);
+  }
+  static reg load(const c10::Float8_e4m3fn* p) { return load_fp8(p); }
+  static reg load(const c10::Float8_e5m2* p) { return load_fp8(p); }
   static void store(float* p, reg v) { _mm256_storeu_ps(p, v); }
   static void store(c10::BFloat16* p, reg v) {
     alignas(32) float f[8];
@@ -151,8 +178,8 @@ using Simd = Avx2;
 #endif
 
 #ifdef LOOM_DECODE_SIMD
-template <typename T, int V>
-static void decode_kernel_simd(const T* q, const T* kc, const T* vc, const int32_t* bt, const int32_t* lens,
+template <typename T, typename C, int V>
+static void decode_kernel_simd(const T* q, const C* kc, const C* vc, const int32_t* bt, const int32_t* lens,
                                T* out, int64_t B, int64_t Hq, int64_t Hkv, int64_t max_blocks, int64_t bs,
                                float scale, int64_t window) {
   using reg = typename Simd::reg;
@@ -172,7 +199,7 @@ static void decode_kernel_simd(const T* q, const T* kc, const T* vc, const int32
         for (int j = 0; j < V; ++j) qv[g * V + j] = Simd::mul(Simd::load(q + (b * Hq + h * G + g) * D + W * j), sc);
       const int32_t* table = bt + b * max_blocks;
       for (int64_t t = first; t < len; ++t) {
-        const T* k = kc + ((int64_t)table[t / bs] * bs + t % bs) * stride + h * D;
+        const C* k = kc + ((int64_t)table[t / bs] * bs + t % bs) * stride + h * D;
         reg kv[V];
         for (int j = 0; j < V; ++j) kv[j] = Simd::load(k + W * j);
         for (int64_t g = 0; g < G; ++g) {
@@ -184,7 +211,7 @@ static void decode_kernel_simd(const T* q, const T* kc, const T* vc, const int32
       softmax_rows(scores.data(), G, n);
       for (int64_t i = 0; i < G * V; ++i) acc[i] = Simd::zero();
       for (int64_t t = first; t < len; ++t) {
-        const T* v = vc + ((int64_t)table[t / bs] * bs + t % bs) * stride + h * D;
+        const C* v = vc + ((int64_t)table[t / bs] * bs + t % bs) * stride + h * D;
         reg vv[V];
         for (int j = 0; j < V; ++j) vv[j] = Simd::load(v + W * j);
         for (int64_t g = 0; g < G; ++g) {
@@ -352,13 +379,13 @@ static bool decode_bf16(const T* q, const T* kc, const T* vc, const int32_t* bt,
 #endif
 
 // The head sizes models use, as multiples of the vector width; others take the scalar loop.
-template <typename T>
-static bool decode_simd(const T* q, const T* kc, const T* vc, const int32_t* bt, const int32_t* lens, T* out,
+template <typename T, typename C = T>
+static bool decode_simd(const T* q, const C* kc, const C* vc, const int32_t* bt, const int32_t* lens, T* out,
                         int64_t B, int64_t Hq, int64_t Hkv, int64_t D, int64_t max_blocks, int64_t bs,
                         float scale, int64_t window) {
 #define LOOM_CASE(d) \
   case d: if constexpr (d % Simd::W == 0) { \
-    decode_kernel_simd<T, d / Simd::W>(q, kc, vc, bt, lens, out, B, Hq, Hkv, max_blocks, bs, scale, window); \
+    decode_kernel_simd<T, C, d / Simd::W>(q, kc, vc, bt, lens, out, B, Hq, Hkv, max_blocks, bs, scale, window); \
     return true; } else { return false; }
   switch (D) {
     LOOM_CASE(16) LOOM_CASE(32) LOOM_CASE(64) LOOM_CASE(80) LOOM_CASE(96) LOOM_CASE(128) LOOM_CASE(256)
@@ -367,8 +394,8 @@ static bool decode_simd(const T* q, const T* kc, const T* vc, const int32_t* bt,
 #undef LOOM_CASE
 }
 #else
-template <typename T>
-static bool decode_simd(const T*, const T*, const T*, const int32_t*, const int32_t*, T*, int64_t, int64_t,
+template <typename T, typename C = T>
+static bool decode_simd(const T*, const C*, const C*, const int32_t*, const int32_t*, T*, int64_t, int64_t,
                         int64_t, int64_t, int64_t, int64_t, float, int64_t) { return false; }
 #endif
 
@@ -398,6 +425,35 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
   return out;
 }
 
+// The same attention over an fp8 cache (--kv-cache-dtype fp8_e4m3fn | fp8_e5m2, stored unscaled): q and the output
+// in the activation dtype, each cached key/value widened to fp32 as it is read.
+torch::Tensor paged_decode_fp8(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                               torch::Tensor block_tables, torch::Tensor lens, int64_t block_size, double scale,
+                               int64_t window) {
+  TORCH_CHECK(q.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous(), "contiguous inputs");
+  TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type(), "paged_decode_fp8: key and value caches differ");
+  auto out = torch::empty_like(q);
+  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2), Hkv = k_cache.size(1), mb = block_tables.size(1);
+  const int32_t *bt = block_tables.data_ptr<int32_t>(), *ln = lens.data_ptr<int32_t>();
+  auto run = [&](auto cache_tag) {
+    using C = decltype(cache_tag);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode_fp8", [&] {
+      const scalar_t* qp = q.data_ptr<scalar_t>();
+      const C *kp = reinterpret_cast<const C*>(k_cache.data_ptr()), *vp = reinterpret_cast<const C*>(v_cache.data_ptr());
+      scalar_t* op = out.data_ptr<scalar_t>();
+      bool done = false;
+      if constexpr (!std::is_same_v<scalar_t, double>)
+        done = decode_simd<scalar_t, C>(qp, kp, vp, bt, ln, op, B, Hq, Hkv, D, mb, block_size, (float)scale, window);
+      if (!done)
+        decode_kernel<scalar_t, C>(qp, kp, vp, bt, ln, op, B, Hq, Hkv, D, mb, block_size, (float)scale, window);
+    });
+  };
+  if (k_cache.scalar_type() == at::kFloat8_e4m3fn) run(c10::Float8_e4m3fn());
+  else if (k_cache.scalar_type() == at::kFloat8_e5m2) run(c10::Float8_e5m2());
+  else TORCH_CHECK(false, "paged_decode_fp8: the caches are not fp8");
+  return out;
+}
+
 // caches (slots, Hkv, D) contiguous; k, v (T, Hkv, D), each row's heads contiguous; slots (T,) int64: row t of k and
 // v into slot slots[t] of each cache (both caches in one call, no temporaries: torch's two index_copy_ calls cost
 // ~9 µs each per layer at one token per step).
@@ -421,5 +477,6 @@ void store_kv(torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slots,
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode", &paged_decode);
+  m.def("paged_decode_fp8", &paged_decode_fp8);
   m.def("store_kv", &store_kv);
 }
