@@ -96,8 +96,8 @@ def _edit_config(src: Path, dst: Path, **changes) -> Path:
     ("gpt2", {"reorder_and_upcast_attn": True}, "reorder_and_upcast_attn"),
     ("gpt2", {"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx"),
     ("gpt2", {"add_cross_attention": True}, "add_cross_attention"),
-    ("pythia", {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0,
-                                    "partial_rotary_factor": 0.25}}, "rope scaling type 'dynamic'"),
+    ("pythia", {"rope_parameters": {"rope_type": "yarn", "factor": 2.0, "rope_theta": 10000.0,
+                                    "partial_rotary_factor": 0.25}}, "rope scaling type 'yarn'"),
 ])
 def test_unsupported_options_are_clear_errors(name, changes, message, checkpoint, tmp_path):
     from loom.config import ModelConfig

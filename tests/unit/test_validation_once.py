@@ -119,7 +119,7 @@ def test_router_only_checks_keep_their_place_in_tgi_order() -> None:
         "`top_n_tokens` must be >= 0 and <= 5. Given: 6")
     assert check(decoder_input_details=True, stream=True, watermark=True) == (
         "`decoder_input_details` == true is not supported when streaming tokens")
-    assert check(watermark=True) == "`watermark` is not supported by Loom"
+    assert check_parameters(GenerateParameters(watermark=True), LIMITS, False) == 1  # watermarking is served
 
 
 def test_engine_only_fields() -> None:
