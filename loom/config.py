@@ -237,3 +237,4 @@ class EngineConfig:
     rope_factor: float | None = None  # TGI's --rope-factor (alone: linear scaling)
     trust_remote_code: bool = False  # TGI's --trust-remote-code: custom modeling code runs (transformers fallback)
     kv_cache_dtype: str | None = None  # TGI's --kv-cache-dtype: "fp8_e4m3fn" or "fp8_e5m2"; None: the model's dtype
+    lora_adapters: tuple[tuple[str, str], ...] = ()  # TGI's --lora-adapters: (adapter id, local directory) pairs

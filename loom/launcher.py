@@ -95,6 +95,21 @@ def download(repo_id: str, revision: str | None) -> Path:
         ) from err
 
 
+def resolve_lora_adapters(spec: str | None) -> tuple[tuple[str, str], ...]:
+    """TGI's --lora-adapters: `id` (a hub id or local directory, which is also the id requests use) or
+    `id=path`, comma-separated; each resolved to a local directory."""
+    if not spec:
+        return ()
+    out = []
+    for item in (part.strip() for part in spec.split(",")):
+        if not item:
+            continue
+        name, _, path = item.partition("=")
+        local = Path(path or name).expanduser()
+        out.append((name, str(local.resolve() if local.exists() else download(path or name, None))))
+    return tuple(out)
+
+
 def build_run_config(args: dict[str, Any], model_id: str, model_dir: Path, run_dir: Path,
                      tokenizer_dir: Path | None = None, draft_dir: Path | None = None) -> RunConfig:
     """The run config the engine and router read, from the resolved launcher flags (launcher_args.resolve).
@@ -111,6 +126,7 @@ def build_run_config(args: dict[str, Any], model_id: str, model_dir: Path, run_d
         rope_scaling=args["rope_scaling"], rope_factor=args["rope_factor"],
         trust_remote_code=bool(args["trust_remote_code"]),
         kv_cache_dtype=args["kv_cache_dtype"],
+        lora_adapters=resolve_lora_adapters(args["lora_adapters"]),
     )
     router = RouterSettings(
         model_id=model_id, model_dir=str(tokenizer_dir or model_dir), hostname=args["hostname"], port=args["port"],

@@ -72,6 +72,8 @@ SUPPORTED: list[tuple[str, Any, Any, str]] = [
                                             "resolving --model-id (which is still the name reported)"),
     ("--kv-cache-dtype", str, None, "Store the KV cache as fp8_e4m3fn or fp8_e5m2 (unscaled): twice the tokens in "
                                     "the same memory"),
+    ("--lora-adapters", str, None, "LoRA adapters requests pick with `adapter_id`: comma-separated, each a hub id "
+                                   "or local directory (its id is that text) or `id=path`"),
     ("--draft-model-id", str, None, "Loom extension: a small model with the same tokenizer (local directory, GGUF "
                                     "or hub id) that proposes the speculative drafts (default --speculate 4)"),
     ("--validation-workers", int, 2, "Reported by /info; tokenization runs in a thread pool"),
@@ -100,7 +102,6 @@ MAX_SPECULATE = 16
 
 # TGI flags Loom parses but refuses (with the reason) when set.
 UNSUPPORTED: dict[str, str] = {
-    "--lora-adapters": "LoRA adapters are not implemented",
     "--ngrok": "ngrok tunnels are not supported (Loom opens no tunnels to the internet)",
     "--ngrok-authtoken": "ngrok tunnels are not supported (Loom opens no tunnels to the internet)",
     "--ngrok-edge": "ngrok tunnels are not supported (Loom opens no tunnels to the internet)",

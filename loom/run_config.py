@@ -35,6 +35,7 @@ class EngineSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     rope_factor: float | None = None  # its factor (alone: linear)
     trust_remote_code: bool = False  # a checkpoint's own modeling code may run
     kv_cache_dtype: str | None = None  # fp8_e4m3fn or fp8_e5m2; None: the model's dtype
+    lora_adapters: tuple[tuple[str, str], ...] = ()  # (adapter id, local directory)
 
 
 class RouterSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -41,6 +41,7 @@ class SamplingParams:
     ignore_eos: bool = False  # keep generating past EOS (benchmarks)
     grammar: GrammarSpec | None = None  # constrain the output to a JSON schema or a regex
     watermark: bool = False  # bias each token toward a green list seeded by the previous token (Kirchenbauer et al.)
+    adapter_id: str | None = None  # the LoRA adapter (--lora-adapters) this request runs with; None: the base model
 
     def validate(self, *, max_stop_sequences: int | None = None, max_top_n_tokens: int | None = None) -> None:
         """Raise ValueError with TGI's message for the first invalid field (`check_sampling`)."""

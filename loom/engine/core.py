@@ -141,7 +141,8 @@ class EngineCore:
                                   num_speculative_heads=config.speculate if heads is not None else 0,
                                   draft_model=draft, num_draft_tokens=config.speculate,
                                   watermark=Watermark(config.watermark_gamma, config.watermark_delta),
-                                  kv_cache_dtype=kv_cache_dtype(config))
+                                  kv_cache_dtype=kv_cache_dtype(config),
+                                  lora_adapters=[(name, path) for name, path in config.lora_adapters])
         if config.max_batch_prefill_tokens is None:
             self.config = config = replace(config, max_batch_prefill_tokens=self._default_prefill_budget(device))
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
@@ -197,6 +198,11 @@ class EngineCore:
         """Validate and queue a request. Raises ValueError (nothing queued) for input the engine cannot serve."""
         params.validate()
         params = params.with_seed()
+        if params.adapter_id is not None and params.adapter_id not in self.runner.adapters:
+            # TGI: an adapter id the server did not load runs on the base model
+            logger.warning("request %s: LoRA adapter %r is not loaded (--lora-adapters); running the base model",
+                           request_id, params.adapter_id)
+            params = replace(params, adapter_id=None)
         if not prompt_token_ids:
             raise ValueError("`inputs` cannot be empty")
         vocab = self.model_config.vocab_size

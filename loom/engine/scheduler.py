@@ -126,7 +126,8 @@ class Scheduler:
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> int:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_batch_size:
             request = self.waiting[0]
-            hits = [] if request.wants_prompt_logprobs else self.kv.find_cached_prefix(request.token_ids)
+            hits = [] if request.wants_prompt_logprobs else self.kv.find_cached_prefix(request.token_ids,
+                                                                                     request.params.adapter_id)
             computed = len(hits) * self.kv.block_size
             n = min(request.num_tokens - computed, budget)
             if not self.kv.allocate(request.request_id, computed + n, hits):
@@ -217,7 +218,8 @@ class Scheduler:
                     break
             # an accepted draft's position is computed; after a stop inside the accepted ones, those past it are not
             request.num_computed_tokens = min(known_end, request.num_tokens - 1) if tokens else known_end
-            self.kv.index_full_blocks(request.request_id, request.token_ids, request.num_computed_tokens)
+            self.kv.index_full_blocks(request.request_id, request.token_ids, request.num_computed_tokens,
+                                      request.params.adapter_id)
             if reason is not None:
                 self._finish(request, reason)
                 finished.append(request)

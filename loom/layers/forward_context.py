@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -72,9 +73,15 @@ class AttentionMetadata:
 class ForwardContext:
     attn: AttentionMetadata
     kv_caches: list[torch.Tensor]  # per layer: (2, num_slots, num_kv_heads, head_dim)
+    lora: Any = None  # layers/lora.py LoraRows: the rows of each LoRA adapter this step (None: no adapters)
 
 
 _CONTEXT: ForwardContext | None = None
+
+
+def current_forward_context() -> ForwardContext | None:
+    """The step's context, or None outside a forward (e.g. a layer timed on its own)."""
+    return _CONTEXT
 
 
 def get_forward_context() -> ForwardContext:

@@ -20,6 +20,7 @@ from torch import nn
 from loom.distributed.parallel_state import divide, get_tp_group, kv_head_range
 from loom.layers.kernels import bf16_dot_gemm_cpu, bf16_gemm_cpu
 from loom.layers.kernels.build import cpu_flags
+from loom.layers.lora import LoraDelta, apply_lora
 from loom.quantization.cpu_weight import QuantizedPackedWeight, kernel_applies, pack_quantized
 from loom.quantization.qtensor import QuantizedTensor
 
@@ -136,6 +137,7 @@ class PackableLinear(nn.Module):
     _packed: PackedWeight | QuantizedPackedWeight | None = None
     _weight_shape: tuple[int, int] | None = None  # (out, in) of the weight once packing has released it
     _quant_parts: dict[int, QuantizedTensor] | None = None  # row offset → quantized slice, until finalized
+    lora: dict[int, list[LoraDelta]] | None = None  # LoRA adapters' updates of this layer (layers/lora.py)
 
     def place(self, param: nn.Parameter, row: int, src: torch.Tensor | QuantizedTensor, what: str) -> None:
         """Put a checkpoint slice at output row `row` of `param`: copied, or for a quantized slice of the weight
@@ -246,7 +248,7 @@ class ReplicatedLinear(PackableLinear):
         self.place(param, 0, weight.full(), "replicated weight")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.matmul(x, self.bias)
+        return apply_lora(self.lora, x, self.matmul(x, self.bias))
 
 
 class ColumnParallelLinear(PackableLinear):
@@ -292,7 +294,7 @@ class ColumnParallelLinear(PackableLinear):
         self.place(param, self._shard_offset(idx), src, f"column shard {idx}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.matmul(x, self.bias)
+        return apply_lora(self.lora, x, self.matmul(x, self.bias))
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -339,6 +341,6 @@ class RowParallelLinear(PackableLinear):
         self.place(param, 0, weight.narrow(1, self.tp.rank * self.local_in, self.local_in), "row shard")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.matmul(x)
+        y = apply_lora(self.lora, x, self.matmul(x))  # LoRA runs with one rank only: before the all-reduce is fine
         y = self.tp.all_reduce(y)
         return y if self.bias is None else y + self.bias

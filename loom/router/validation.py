@@ -109,7 +109,7 @@ async def validate(
         max_new_tokens=max_new, do_sample=p.do_sample, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
         typical_p=p.typical_p, repetition_penalty=p.repetition_penalty, frequency_penalty=p.frequency_penalty,
         seed=p.seed, stop=list(p.stop), top_n_tokens=p.top_n_tokens or 0, details=True, ignore_eos=p.ignore_eos,
-        grammar=grammar, watermark=p.watermark,
+        grammar=grammar, watermark=p.watermark, adapter_id=p.adapter_id,
     )
     full_text = p.return_full_text if p.return_full_text is not None else return_full_text_default
     return ValidatedRequest(

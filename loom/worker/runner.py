@@ -30,6 +30,7 @@ from loom.distributed.parallel_state import get_tp_group, kv_head_range
 from loom.layers.forward_context import AttentionMetadata, ForwardContext, PrefillSpan, forward_context
 from loom.layers.kernels.build import prebuild
 from loom.layers.linear import PackableLinear, pack_linear_weights
+from loom.layers.lora import LoraRows
 from loom.models.loader import load_model
 from loom.protocol import shard
 from loom.protocol.plan import PromptScores, StepPlan, StepResult
@@ -101,7 +102,8 @@ class GuidedMasks:
 class ModelRunner:
     def __init__(self, model_config: ModelConfig, num_blocks: int, block_size: int, device: str = "cpu",
                  num_speculative_heads: int = 0, draft_model: ModelConfig | None = None, num_draft_tokens: int = 0,
-                 watermark: Watermark | None = None, kv_cache_dtype: torch.dtype | None = None):
+                 watermark: Watermark | None = None, kv_cache_dtype: torch.dtype | None = None,
+                 lora_adapters: list[tuple[str, str]] | None = None):
         self.model_config = model_config
         self.device = torch.device(device)
         self.block_size = block_size
@@ -123,6 +125,9 @@ class ModelRunner:
                         ", ".join(f"{b / 1e6:.1f}" for b in self.rank_weight_bytes))
         if kernels.is_alive():
             kernels.join()
+        self.adapters: dict[str, int] = {}  # LoRA adapter name → index in the layers' deltas
+        if lora_adapters:
+            self._attach_adapters(lora_adapters)
         packed = pack_linear_weights(self.model)  # after the byte count: packing releases the plain weights
         if packed:
             logger.info("%d linear layers use packed bf16 weights", packed)
@@ -153,6 +158,32 @@ class ModelRunner:
             from loom.worker.draft_model import DraftModel
 
             self.draft = DraftModel(draft_model, num_blocks * block_size, block_size, self.device)
+
+    def _attach_adapters(self, adapters: list[tuple[str, str]]) -> None:
+        from loom.layers.lora import attach_adapter, read_adapter
+
+        if self.tp.size > 1:
+            raise ValueError("LoRA adapters do not run with tensor parallelism yet")
+        for name, path in adapters:
+            if name in self.adapters:
+                raise ValueError(f"LoRA adapter id {name!r} is given twice")
+            adapter = read_adapter(name, path)
+            layers = attach_adapter(self.model, adapter, len(self.adapters))
+            self.adapters[name] = len(self.adapters)
+            logger.info("LoRA adapter %s (%s): rank %d on %d layers", name, path, adapter.rank, layers)
+
+    def _lora_rows(self, ordered: list[_StepSeq]) -> LoraRows | None:
+        """The rows of each adapter in this step's flattened batch (`ordered`: the seqs in row order)."""
+        if not self.adapters:
+            return None
+        rows: dict[int, list[int]] = {}
+        row = 0
+        for s in ordered:
+            index = self.adapters.get(s.state.params.adapter_id) if s.state.params.adapter_id else None
+            if index is not None:
+                rows.setdefault(index, []).extend(range(row, row + len(s.token_ids)))
+            row += len(s.token_ids)
+        return LoraRows({i: torch.tensor(r, dtype=torch.long, device=self.device) for i, r in rows.items()})
 
     @torch.inference_mode()
     def linear_tokens_per_second(self, rows: int = 256) -> float | None:
@@ -290,7 +321,7 @@ class ModelRunner:
         ids = torch.tensor([t for s in ordered for t in s.token_ids], dtype=torch.long, device=self.device)
         positions = torch.cat([torch.arange(s.start, s.start + len(s.token_ids)) for s in ordered]).to(self.device)
         meta = self._attention_metadata(decodes, prefills)
-        with forward_context(ForwardContext(meta, self.kv_caches)):
+        with forward_context(ForwardContext(meta, self.kv_caches, self._lora_rows(ordered))):
             hidden = self.model(ids, positions)
         if self.draft is not None:
             self.draft.mirror(ids, positions, meta)

@@ -39,7 +39,7 @@ def test_legacy_max_input_length():
 @pytest.mark.parametrize("argv, env, message", [
     (["--quantize", "int3"], {}, "'int3' is not a TGI quantization method; Loom takes eetq, bitsandbytes"),
     ([], {"QUANTIZE": "exl2"}, "--quantize exl2: ExLlamaV2 checkpoints are not supported"),
-    (["--lora-adapters", "a"], {}, "LoRA"),
+    (["--ngrok"], {}, "Loom opens no tunnels"),
 ])
 def test_unsupported_flags_are_refused(argv, env, message):
     with pytest.raises(SystemExit, match=message):

@@ -24,6 +24,10 @@ def block_key(parent: bytes | None, tokens: Sequence[int]) -> bytes:
     return h.digest()
 
 
+def _salt_key(salt: str | None) -> bytes | None:
+    return None if salt is None else hashlib.blake2b(b"salt:" + salt.encode(), digest_size=16).digest()
+
+
 class KVCacheManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
         self.pool = BlockPool(num_blocks)
@@ -44,14 +48,15 @@ class KVCacheManager:
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def find_cached_prefix(self, token_ids: Sequence[int]) -> list[KVBlock]:
+    def find_cached_prefix(self, token_ids: Sequence[int], salt: str | None = None) -> list[KVBlock]:
         """The longest run of indexed blocks equal to the start of `token_ids`, always leaving the last token
-        uncomputed (its logits are needed to sample). Read-only: nothing is referenced until `allocate`."""
+        uncomputed (its logits are needed to sample). Read-only: nothing is referenced until `allocate`.
+        `salt`: what else the K/V depends on (a LoRA adapter): blocks match only under the same salt."""
         if not self.enable_prefix_caching:
             return []
         bs = self.block_size
         hits: list[KVBlock] = []
-        parent: bytes | None = None
+        parent: bytes | None = _salt_key(salt)
         for i in range((len(token_ids) - 1) // bs):
             key = block_key(parent, token_ids[i * bs : (i + 1) * bs])
             block = self.pool.lookup(key)
@@ -85,15 +90,17 @@ class KVCacheManager:
             self._keys[request_id] = [b.key for b in cached if b.key is not None]
         return True
 
-    def index_full_blocks(self, request_id: str, token_ids: Sequence[int], num_computed: int) -> None:
-        """Index every block whose positions all have their K/V written (`num_computed` tokens so far)."""
+    def index_full_blocks(self, request_id: str, token_ids: Sequence[int], num_computed: int,
+                          salt: str | None = None) -> None:
+        """Index every block whose positions all have their K/V written (`num_computed` tokens so far), under
+        `salt` (see `find_cached_prefix`)."""
         if not self.enable_prefix_caching:
             return
         bs = self.block_size
         table = self._tables[request_id]
         keys = self._keys.setdefault(request_id, [])
         for i in range(len(keys), num_computed // bs):
-            key = block_key(keys[-1] if keys else None, token_ids[i * bs : (i + 1) * bs])
+            key = block_key(keys[-1] if keys else _salt_key(salt), token_ids[i * bs : (i + 1) * bs])
             keys.append(key)
             self.pool.index(table[i], key)
 
