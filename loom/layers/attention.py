@@ -27,6 +27,9 @@ class Attention(nn.Module):
         self.scale = scale
         self.sliding_window = sliding_window
         self.softcap = softcap  # scores → tanh(scores / softcap) * softcap before the mask and softmax
+        # An fp8 cache holds k / k_scale and v / v_scale (a checkpoint's calibrated scales; 1.0 without them, TGI)
+        self.k_scale = 1.0
+        self.v_scale = 1.0
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q: (T, Hq, D); k, v: (T, Hkv, D) → (T, Hq, D)."""
@@ -35,7 +38,8 @@ class Attention(nn.Module):
         cache = ctx.kv_caches[self.layer_idx]  # (2, slots, Hkv, D)
         # an fp8 cache (--kv-cache-dtype) stores the values rounded to it, unscaled; this step's fresh prompt
         # tokens still attend to their own unrounded keys and values, as TGI's prefill does
-        k_stored, v_stored = (k, v) if cache.dtype == k.dtype else (k.to(cache.dtype), v.to(cache.dtype))
+        k_stored, v_stored = (k, v) if cache.dtype == k.dtype else (self._to_cache(k, self.k_scale, cache.dtype),
+                                                                    self._to_cache(v, self.v_scale, cache.dtype))
         if not paged_decode_cpu.store_kv(cache, meta.slot_mapping, k_stored, v_stored):
             cache[0].index_copy_(0, meta.slot_mapping, k_stored)
             cache[1].index_copy_(0, meta.slot_mapping, v_stored)
@@ -48,6 +52,23 @@ class Attention(nn.Module):
             rows = slice(span.start, span.start + span.q_len)
             out[rows] = self._prefill(q[rows], k[rows], v[rows], cache, span)
         return out
+
+    @staticmethod
+    def _to_cache(x: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+        return (x if scale == 1.0 else x / scale).to(dtype)
+
+    def _from_cache(self, keys: torch.Tensor, values: torch.Tensor,
+                    dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cached keys/values in `dtype`; from an fp8 cache, times their scales (a 16-bit cache holds them as is)."""
+        scaled = keys.dtype in paged_decode_cpu.FP8_DTYPES
+        keys, values = keys.to(dtype), values.to(dtype)
+        if not scaled:
+            return keys, values
+        if self.k_scale != 1.0:
+            keys = keys * self.k_scale
+        if self.v_scale != 1.0:
+            values = values * self.v_scale
+        return keys, values
 
     def decode_fused_qkv(self, qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                          rotary_dim: int) -> torch.Tensor | None:
@@ -72,10 +93,12 @@ class Attention(nn.Module):
     def _decode(self, q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         if cache.dtype in paged_decode_cpu.FP8_DTYPES and self.softcap is None and q.device.type == "cpu" \
                 and paged_decode_cpu.load() is not None:
-            return paged_decode_cpu.paged_decode_fp8(
-                q, cache[0], cache[1], meta.decode_block_tables, meta.decode_lens, meta.block_size, self.scale,
-                self.sliding_window,
+            # q . (k_scale k8) = k_scale (q . k8); p @ (v_scale v8) = v_scale (p @ v8)
+            out = paged_decode_cpu.paged_decode_fp8(
+                q, cache[0], cache[1], meta.decode_block_tables, meta.decode_lens, meta.block_size,
+                self.scale * self.k_scale, self.sliding_window,
             )
+            return out if self.v_scale == 1.0 else out * self.v_scale
         if cache.dtype == q.dtype and self.softcap is None and q.device.type == "cpu" \
                 and paged_decode_cpu.load() is not None:
             # reads each cached key/value once, straight from the blocks (no gather, no cast copies)
@@ -87,7 +110,7 @@ class Attention(nn.Module):
         values = cache[1][meta.decode_slots].transpose(1, 2)
         out_dtype = q.dtype
         if keys.dtype != q.dtype:  # an fp8 cache
-            keys, values = keys.to(q.dtype), values.to(q.dtype)
+            keys, values = self._from_cache(keys, values, q.dtype)
         q = q.unsqueeze(2)  # (Bd, Hq, 1, D)
         if self.softcap is not None:
             o = self._softcapped(q, keys, values, meta.decode_mask(self.sliding_window))  # (Bd, Hq, 1, D)
@@ -116,8 +139,10 @@ class Attention(nn.Module):
         fresh = span.ctx_len == span.q_len
         if fresh and (self.sliding_window is None or span.q_len <= self.sliding_window):
             return self._sdpa(qh, k.transpose(0, 1), v.transpose(0, 1), None).transpose(0, 1)
-        keys = cache[0][span.slots].transpose(0, 1).to(q.dtype)  # (Hkv, ctx_len, D); an fp8 cache widens here
-        values = cache[1][span.slots].transpose(0, 1).to(q.dtype)
+        keys = cache[0][span.slots].transpose(0, 1)  # (Hkv, ctx_len, D)
+        values = cache[1][span.slots].transpose(0, 1)
+        if keys.dtype != q.dtype:  # an fp8 cache widens here
+            keys, values = self._from_cache(keys, values, q.dtype)
         return self._sdpa(qh, keys, values, self._prefill_mask(span)).transpose(0, 1)
 
     def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -152,7 +177,7 @@ class Attention(nn.Module):
         else:
             keys = cache[0][span.slots].transpose(0, 1)
             values = cache[1][span.slots].transpose(0, 1)
-        keys, values = keys.float(), values.float()  # once, not per query block
+        keys, values = self._from_cache(keys, values, torch.float32)  # once, not per query block
         mask = self._prefill_mask(span)  # (q_len, ctx_len)
         rows = max(1, _SCORE_BUDGET // (self.num_heads * span.ctx_len))
         out = [

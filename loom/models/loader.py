@@ -49,7 +49,7 @@ class SafetensorsTensor:
         return self.slice[tuple(index)]
 
     def full(self) -> torch.Tensor:
-        return self.slice[:]
+        return self.slice[...]  # `[:]` cannot index a 0-dim tensor (a scale)
 
 
 def checkpoint_files(model_dir: Path) -> list[Path]:

@@ -39,12 +39,34 @@ def is_skipped_buffer(name: str, tie_word_embeddings: bool) -> bool:
     return "rotary_emb.inv_freq" in name or (name == "lm_head.weight" and tie_word_embeddings)
 
 
+# fp8-KV checkpoints (compressed-tensors, FP8 exports) carry per-layer scales of the cached keys and values:
+# `<attention module>.k_scale` / `.v_scale`, or one `.kv_scale` for both. They apply to an fp8 cache only.
+KV_SCALE_SUFFIXES = (".k_scale", ".v_scale", ".kv_scale")
+
+
+def load_kv_scale(model: nn.Module, name: str, tensor: CheckpointTensor) -> None:
+    """Give a checkpoint's KV-cache scale to the layer's `Attention` (a child `attn` of the named module)."""
+    prefix, _, which = name.rpartition(".")
+    modules = dict(model.named_modules())
+    attn = modules.get(f"{prefix}.attn") or modules.get(prefix)
+    if attn is None or not hasattr(attn, "k_scale"):
+        raise ValueError(f"Checkpoint tensor {name!r} has no attention layer in {type(model).__name__}")
+    value = float(tensor.full().float().reshape(-1).max())  # per-tensor (a per-head list: its largest)
+    if which in ("k_scale", "kv_scale"):
+        attn.k_scale = value
+    if which in ("v_scale", "kv_scale"):
+        attn.v_scale = value
+
+
 def load_checkpoint(model: nn.Module, weights: Iterable[tuple[str, CheckpointTensor]],
                     place: Callable[[str, CheckpointTensor], Placement | None]) -> dict[str, set]:
     """Copy each tensor where `place` says; returns each loaded parameter's shard ids (for the completeness check)."""
     params = dict(model.named_parameters())
     loaded: dict[str, set] = {}
     for name, tensor in weights:
+        if name.endswith(KV_SCALE_SUFFIXES):
+            load_kv_scale(model, name, tensor)
+            continue
         placement = place(name, tensor)
         if placement is None:
             continue

@@ -114,3 +114,52 @@ def test_real_model_quality_with_an_fp8_cache():
     agree = sum(a == b for a, b in zip(choices, reference.token_ids))
     print(f"greedy agreement with an fp8_e4m3fn cache: {agree}/200 positions; free-running identical for {prefix}")
     assert agree >= 180, agree
+
+
+def test_checkpoint_kv_scales_apply_to_an_fp8_cache(llama_dir, tmp_path):
+    """A checkpoint with per-layer `self_attn.k_scale` / `v_scale` (fp8-KV exports): an fp8 cache holds k / k_scale
+    and reads it back times k_scale; a 16-bit cache ignores the scales (TGI). Scales of 0.5 double what is stored
+    (fewer values in fp8's coarse subnormal range), so the logits must be at least about as close to the exact ones
+    as the unscaled fp8 cache's; a scale forgotten on either side would double keys or values and move them far
+    more."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from loom.engine.kv.kv_manager import KVCacheManager
+    from loom.testing.parity import paged_logits, random_prompts
+    from loom.worker.runner import ModelRunner
+
+    scaled = tmp_path / "scaled"
+    shutil.copytree(llama_dir, scaled)
+    state = load_file(str(scaled / "model.safetensors"))
+    layers = json.loads((scaled / "config.json").read_text())["num_hidden_layers"]
+    for i in range(layers):
+        state[f"model.layers.{i}.self_attn.k_scale"] = torch.tensor(0.5)
+        state[f"model.layers.{i}.self_attn.v_scale"] = torch.tensor(0.5)
+    save_file(state, str(scaled / "model.safetensors"))
+    ids = random_prompts([70], 50257, seed=90)[0]
+
+    def logits(path, kv_dtype, chunk):
+        runner = ModelRunner(ModelConfig.from_dir(path, "float32"), num_blocks=8, block_size=16,
+                             kv_cache_dtype=kv_dtype)
+        return paged_logits(runner, KVCacheManager(8, 16, enable_prefix_caching=False), ids, chunk)
+
+    assert torch.equal(logits(scaled, None, 7), logits(llama_dir, None, 7))  # a 16-bit cache ignores them
+    attn = ModelRunner(ModelConfig.from_dir(scaled, "float32"), num_blocks=2, block_size=16).model.model.layers[0]
+    assert (attn.self_attn.attn.k_scale, attn.self_attn.attn.v_scale) == (0.5, 0.5)
+    exact = logits(llama_dir, None, 70)
+    for dtype in FP8:
+        for chunk in (1, 7):  # the decode kernel, and continued prompt chunks through torch
+            err_scaled = (logits(scaled, dtype, chunk) - exact).abs().max().item()
+            err_plain = (logits(llama_dir, dtype, chunk) - exact).abs().max().item()
+            assert err_scaled <= 1.5 * err_plain + 1e-3, (dtype, chunk, err_scaled, err_plain)
+    # the negative control: keys stored halved but read as they are (k_scale ignored on reading)
+    runner = ModelRunner(ModelConfig.from_dir(scaled, "float32"), num_blocks=8, block_size=16,
+                         kv_cache_dtype=torch.float8_e4m3fn)
+    for layer in runner.model.model.layers:
+        layer.self_attn.attn._from_cache = lambda k, v, d: (k.to(d), v.to(d))
+    broken = paged_logits(runner, KVCacheManager(8, 16, enable_prefix_caching=False), ids, 7)
+    err_plain = (logits(llama_dir, torch.float8_e4m3fn, 7) - exact).abs().max().item()
+    assert (broken - exact).abs().max().item() > 3 * err_plain
