@@ -28,6 +28,7 @@ from loom.protocol.messages import (
     HealthCheck,
     HealthReport,
     Hello,
+    QueueState,
     RequestFailed,
     StepOutputs,
     StepStats,
@@ -106,9 +107,12 @@ class EngineServer:
                     "engine_request", msg.trace_carrier,
                     attributes={"request_id": msg.request_id, "input_length": len(msg.prompt_token_ids)})
         elif isinstance(msg, AbortRequests):
+            aborted = [rid for rid in msg.request_ids if self.engine.abort_request(rid)]
             for rid in msg.request_ids:
-                self.engine.abort_request(rid)
                 tracing.end_span(self._spans.pop(rid, None), error="aborted")
+            if aborted:  # no step may follow (the engine may now be idle): the gauges must still be true
+                sched = self.engine.scheduler
+                self._send(QueueState(len(sched.running), len(sched.waiting)))
         elif isinstance(msg, HealthCheck):
             self._send(self._health(msg.nonce))
 

@@ -2,7 +2,7 @@
 
 router → engine: `Hello` (on connect), `AddRequest`, `AbortRequests`, `HealthCheck`
 engine → router: `EngineReady` (the answer to `Hello`), `StepOutputs` (one frame per engine step with every
-request's new tokens), `RequestFailed`, `HealthReport`
+request's new tokens), `QueueState` (after aborts), `RequestFailed`, `HealthReport`
 """
 
 from __future__ import annotations
@@ -71,6 +71,14 @@ class StepOutputs(msgspec.Struct, tag=True, frozen=True):
     stats: StepStats
 
 
+class QueueState(msgspec.Struct, tag=True, frozen=True):
+    """The engine's queue after something other than a step changed it (aborted requests): the gauges a step
+    frame would carry, so that they are true on an engine that has gone idle."""
+
+    num_running: int
+    num_waiting: int
+
+
 class RequestFailed(msgspec.Struct, tag=True, frozen=True):
     request_id: str
     error_type: FailureKind
@@ -84,7 +92,7 @@ class HealthReport(msgspec.Struct, tag=True, frozen=True):
 
 
 ToEngine = Union[Hello, AddRequest, AbortRequests, HealthCheck]
-FromEngine = Union[EngineReady, StepOutputs, RequestFailed, HealthReport]
+FromEngine = Union[EngineReady, StepOutputs, QueueState, RequestFailed, HealthReport]
 
 _encoder = msgspec.msgpack.Encoder()
 to_engine_decoder = msgspec.msgpack.Decoder(ToEngine)

@@ -3,6 +3,7 @@ route modules, over the shared `RouterState` (router/state.py)."""
 
 from __future__ import annotations
 
+import hmac
 import logging
 from contextlib import asynccontextmanager
 
@@ -52,7 +53,10 @@ def create_app(config: RouterConfig, engine_endpoint: str, connect_timeout: floa
     @app.middleware("http")
     async def _guard(request: Request, call_next):
         if config.api_key and request.url.path in PROTECTED_PATHS and request.method == "POST":
-            if request.headers.get("authorization", "").lower() != f"bearer {config.api_key}".lower():
+            # TGI compares the whole header case-insensitively; in constant time here, so that response timing
+            # tells nothing about how much of a guessed key was right
+            given = request.headers.get("authorization", "").lower().encode()
+            if not hmac.compare_digest(given, f"bearer {config.api_key}".lower().encode()):
                 return Response(status_code=401)
         state = getattr(request.app.state, "loom", None)
         if state is not None and state.draining and request.url.path in PROTECTED_PATHS and request.method == "POST":

@@ -22,6 +22,7 @@ from loom.protocol.messages import (
     HealthReport,
     Hello,
     RequestFailed,
+    QueueState,
     StepOutputs,
     StepStats,
     encode,
@@ -66,6 +67,7 @@ class EngineClient:
         self.ready: EngineReady | None = None
         self.last_stats: StepStats | None = None
         self.on_step: Callable[[StepOutputs], None] | None = None  # metrics hook
+        self.on_queue_state: Callable[[QueueState], None] | None = None  # metrics hook (gauges after aborts)
         self._streams: dict[str, RequestStream] = {}
         self._health: dict[int, asyncio.Future] = {}
         self._nonce = itertools.count()
@@ -145,6 +147,9 @@ class EngineClient:
                             del self._streams[out.request_id]
                 if self.on_step is not None:
                     self.on_step(msg)
+            elif isinstance(msg, QueueState):
+                if self.on_queue_state is not None:
+                    self.on_queue_state(msg)
             elif isinstance(msg, RequestFailed):
                 stream = self._streams.pop(msg.request_id, None)
                 if stream is not None:

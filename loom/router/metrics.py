@@ -6,7 +6,7 @@ import re
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 
-from loom.protocol.messages import StepOutputs
+from loom.protocol.messages import QueueState, StepOutputs
 
 
 disable_created_metrics()  # TGI exposes no `_created` series
@@ -82,6 +82,11 @@ class Metrics:
         self.spec_acceptance_rate = Gauge(
             "loom_spec_decode_acceptance_rate", "Accepted / verified draft tokens since start", registry=r)
         self._drafted = self._accepted = 0
+
+    def observe_queue_state(self, state: QueueState) -> None:
+        """The engine's queue after aborts (no step frame may follow them)."""
+        self.batch_current_size.set(state.num_running)
+        self.queue_size.set(state.num_waiting)
 
     def observe_step(self, step: StepOutputs) -> None:
         """Called by the engine client for every step frame. A step with prompt tokens counts as a prefill."""

@@ -119,6 +119,7 @@ def build_state(config: RouterConfig, engine: EngineClient) -> RouterState:
     )
     metrics = Metrics(max_input, max_total, engine.ready.max_batch_total_tokens, engine.ready.speculate)
     engine.on_step = metrics.observe_step
+    engine.on_queue_state = metrics.observe_queue_state
     return RouterState(
         config, engine, tokenizer, limits, Generator(engine, tokenizer, config.enable_prefill_logprobs), metrics,
         Permits(config.max_concurrent_requests),
