@@ -98,7 +98,7 @@ class Scheduler:
             budget = self._admit_waiting(out, budget)
         if self.speculator is not None and budget > 0 and not out.preempted:
             self._add_drafts(out, self.speculator)
-        if self.speculator is not None and hasattr(self.speculator.proposer, "receive"):
+        if self.speculator is not None and self.speculator.drafts_from_model:
             # drafts from the model cost model time: made only when a step like this one would verify some
             sampling = [s.request.request_id for s in out.seqs if s.samples]
             out.propose_drafts = self.speculator.worth_proposing(
@@ -189,11 +189,9 @@ class Scheduler:
         Returns the requests that finished this step (their blocks are already free)."""
         finished = []
         new_tokens = dict(zip(result.request_ids, result.token_ids))
-        if result.draft_ids and self.speculator is not None:
-            receive = getattr(self.speculator.proposer, "receive", None)
-            if receive is not None:
-                for rid, drafts in result.draft_ids.items():
-                    receive(rid, drafts)
+        if result.draft_ids and self.speculator is not None and self.speculator.drafts_from_model:
+            for rid, drafts in result.draft_ids.items():
+                self.speculator.receive(rid, drafts)
         for seq in scheduled.seqs:
             request = seq.request
             known_end = seq.start + seq.num_new_tokens - len(seq.draft_ids)  # positions of known tokens computed

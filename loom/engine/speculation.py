@@ -174,6 +174,15 @@ class Speculator:
     _acceptance: dict[str, _Acceptance] = field(default_factory=dict)
     _order_rate: dict[int, list[float]] = field(default_factory=dict)  # n → [accepted, tried] engine-wide
 
+    @property
+    def drafts_from_model(self) -> bool:
+        """The proposer is fed by the runner's speculator heads or draft model (`receive`), which cost model time."""
+        return hasattr(self.proposer, "receive")
+
+    def receive(self, request_id: str, drafts: list[int]) -> None:
+        """Drafts the runner's heads / draft model made for a request's next step."""
+        self.proposer.receive(request_id, drafts)  # type: ignore[attr-defined]
+
     def propose(self, request_id: str, tokens: Sequence[int], limit: int) -> DraftCandidate | None:
         """The drafts for a decode of `request_id` whose known tokens are `tokens`, at most `limit`."""
         k = min(self.num_speculative, limit)

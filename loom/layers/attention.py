@@ -91,21 +91,17 @@ class Attention(nn.Module):
         return self._decode(q, cache, meta)
 
     def _decode(self, q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        if cache.dtype in paged_decode_cpu.FP8_DTYPES and self.softcap is None and q.device.type == "cpu" \
+        fp8 = cache.dtype in paged_decode_cpu.FP8_DTYPES
+        if (fp8 or cache.dtype == q.dtype) and self.softcap is None and q.device.type == "cpu" \
                 and paged_decode_cpu.load() is not None:
-            # q . (k_scale k8) = k_scale (q . k8); p @ (v_scale v8) = v_scale (p @ v8)
-            out = paged_decode_cpu.paged_decode_fp8(
+            # reads each cached key/value once, straight from the blocks (no gather, no cast copies). An fp8
+            # cache's scales: q . (k_scale k8) = k_scale (q . k8), p @ (v_scale v8) = v_scale (p @ v8)
+            k_scale, v_scale = (self.k_scale, self.v_scale) if fp8 else (1.0, 1.0)
+            out = paged_decode_cpu.paged_decode(
                 q, cache[0], cache[1], meta.decode_block_tables, meta.decode_lens, meta.block_size,
-                self.scale * self.k_scale, self.sliding_window,
+                self.scale * k_scale, self.sliding_window,
             )
-            return out if self.v_scale == 1.0 else out * self.v_scale
-        if cache.dtype == q.dtype and self.softcap is None and q.device.type == "cpu" \
-                and paged_decode_cpu.load() is not None:
-            # reads each cached key/value once, straight from the blocks (no gather, no cast copies)
-            return paged_decode_cpu.paged_decode(
-                q, cache[0], cache[1], meta.decode_block_tables, meta.decode_lens, meta.block_size, self.scale,
-                self.sliding_window,
-            )
+            return out if v_scale == 1.0 else out * v_scale
         keys = cache[0][meta.decode_slots].transpose(1, 2)  # (Bd, Hkv, Lmax, D)
         values = cache[1][meta.decode_slots].transpose(1, 2)
         out_dtype = q.dtype

@@ -367,13 +367,15 @@ class ModelRunner:
                 scores[s.request_id] = self._prompt_scores(s, logits[row : row + n])
             if s.sample:
                 sampling.append((s, len(rows)))
-                history = s.state.token_ids
+                history, params = s.state.token_ids, s.state.params
                 if s.num_draft:
                     drafts = s.token_ids[len(s.token_ids) - s.num_draft :]
+                    # the tokens up to row j's position, only for the stages that read them (a copy per row)
+                    reads_history = params.uses_penalties or params.watermark
                     for j in range(s.num_draft + 1):
                         sampler_rows.append(row + j)
-                        rows.append(SamplingRow(s.state.params, s.state.generator,
-                                                history + drafts[:j] if j else history,
+                        rows.append(SamplingRow(params, s.state.generator,
+                                                history + drafts[:j] if j and reads_history else history,
                                                 drafts[j] if j < s.num_draft else None))
                 else:
                     sampler_rows.append(row + n - 1)

@@ -45,7 +45,7 @@ def test_decode_kernel_reads_fp8(cache_dtype, q_dtype, head_dim, window):
     tables = torch.randperm(blocks, generator=g)[:8].view(2, 4).to(torch.int32)
     lens = torch.tensor([37, 64], dtype=torch.int32)
     q = torch.randn(2, hq, head_dim, generator=g).to(q_dtype)
-    got = paged_decode_cpu.paged_decode_fp8(q, k_cache, v_cache, tables, lens, bs, 0.125, window)
+    got = paged_decode_cpu.paged_decode(q, k_cache, v_cache, tables, lens, bs, 0.125, window)
     expected = _reference(q, k_cache, v_cache, tables, lens, bs, 0.125, window)
     assert got.dtype == q_dtype
     tol = 2e-2 if q_dtype == torch.bfloat16 else 1e-4

@@ -25,25 +25,17 @@ def load():
     return load_kernel("loom_paged_decode_cpu_v16", _SOURCE, ("-ffast-math",))
 
 
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                  lens: torch.Tensor, block_size: int, scale: float, window: int | None) -> torch.Tensor:
-    """q (B, Hq, D); k/v_cache (slots, Hkv, D); block_tables (B, max_blocks) int32; lens (B,) int32."""
+    """q (B, Hq, D); k/v_cache (slots, Hkv, D) in q's dtype or fp8 (float8_e4m3fn / float8_e5m2: the output is
+    in q's dtype); block_tables (B, max_blocks) int32; lens (B,) int32."""
     module = load()
     assert module is not None
-    return module.paged_decode(q.contiguous(), k_cache, v_cache, block_tables, lens, block_size, scale,
-                               window if window else -1)
-
-
-def paged_decode_fp8(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                     lens: torch.Tensor, block_size: int, scale: float, window: int | None) -> torch.Tensor:
-    """`paged_decode` over fp8 caches (float8_e4m3fn or float8_e5m2): q and the output in the activation dtype."""
-    module = load()
-    assert module is not None
-    return module.paged_decode_fp8(q.contiguous(), k_cache, v_cache, block_tables, lens, block_size, scale,
-                                   window if window else -1)
-
-
-FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+    kernel = module.paged_decode_fp8 if k_cache.dtype in FP8_DTYPES else module.paged_decode
+    return kernel(q.contiguous(), k_cache, v_cache, block_tables, lens, block_size, scale, window if window else -1)
 
 
 def store_kv(cache: torch.Tensor, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
