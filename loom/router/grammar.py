@@ -9,12 +9,12 @@ answers 422 at once). Extensions, documented in docs/compatibility.md: OpenAI's 
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import jsonschema
 
 from loom.grammar.spec import GrammarError, GrammarSpec
+from loom.router import strict_json
 from loom.router.errors import ValidationError
 from loom.router.schemas import GrammarType
 
@@ -56,8 +56,8 @@ def _schema_of(grammar: GrammarType) -> Any:
         return ANY_OBJECT  # OpenAI's JSON mode
     if isinstance(value, str):
         try:
-            value = json.loads(value)
-        except json.JSONDecodeError as err:
+            value = strict_json.loads(value)
+        except ValueError as err:
             raise ValidationError(f"grammar is not valid: {err}") from err
     return value
 

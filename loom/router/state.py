@@ -3,7 +3,6 @@ concurrency permits. Its own module so that the app and the route modules import
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ from pydantic import ValidationError as PydanticValidationError
 from transformers import PreTrainedTokenizerBase
 
 from loom import __version__
+from loom.router import strict_json
 from loom.router.chat import ChatTemplate
 from loom.router.config import RouterConfig
 from loom.router.engine_client import EngineClient
@@ -95,7 +95,7 @@ async def parse_body(request: Request, model: type[M]) -> M:
     if len(raw) > request.app.state.loom.config.payload_limit:  # bodies sent without a Content-Length
         raise BodyError(413, "Failed to buffer the request body: length limit exceeded")
     try:
-        data = json.loads(raw)
+        data = strict_json.loads(raw)
     except ValueError as err:
         raise BodyError(400, f"Failed to parse the request body as JSON: {err}") from err
     try:

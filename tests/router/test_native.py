@@ -79,6 +79,35 @@ def test_empty_inputs_and_bad_bodies(client):
     assert r.status_code == 422 and "Failed to deserialize the JSON body" in r.text
 
 
+@pytest.mark.parametrize("raw", [
+    b'{"inputs": "a", "parameters": {"temperature": NaN}}',
+    b'{"inputs": "a", "parameters": {"top_k": Infinity}}',
+    b'{"inputs": "a", "parameters": {"repetition_penalty": 1e999}}',
+    b'{"inputs": "\\ud800"}',  # a lone surrogate escape
+    b'{"inputs": "a", "parameters": {"stop": ["\xed\xa0\x80"]}}',  # ... and as (invalid) UTF-8 bytes
+    b'{"inputs": "\xff"}',
+    b'{"inputs": "a", "x": ' + b"[" * 127 + b"]" * 127 + b"}",  # 128 levels: past serde_json's limit
+    b"[" * 100_000 + b"]" * 100_000,  # past Python's recursion limit
+], ids=["nan", "infinity", "out-of-range", "surrogate-escape", "surrogate-bytes", "utf8", "depth-128", "depth-1e5"])
+def test_json_that_serde_rejects_is_a_400(client, raw):
+    """Found by fuzzing (tests/router/test_fuzz.py): Python's json accepted these, and a NaN temperature ran, a
+    surrogate stop sequence or a deep body made a 500."""
+    r = client.post("/generate", content=raw, headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    assert r.headers["content-type"].startswith("text/plain")
+    assert r.text.startswith("Failed to parse the request body as JSON: ")
+
+
+def test_json_that_serde_accepts_still_parses(client):
+    raw = b'{"inputs": "\\ud83d\\ude00 ok", "parameters": {"max_new_tokens": 1}, "x": ' + b"[" * 126 + \
+        b"]" * 126 + b"}"
+    assert client.post("/generate", content=raw, headers={"content-type": "application/json"}).status_code == 200
+    deep = "[" * 100_000 + "]" * 100_000  # a grammar string is read the same way: a 422, not a 500
+    r = client.post("/generate", json={"inputs": "a", "parameters": {"grammar": {"type": "json", "value": deep}}})
+    assert r.status_code == 422
+    assert r.json() == {"error": "Input validation error: grammar is not valid: recursion limit exceeded",
+                        "error_type": "validation"}
+
 def test_errors_inside_the_stream_keep_status_200(client):
     r = client.post("/generate_stream", json={"inputs": "Hi", "parameters": {"temperature": -1}})
     assert r.status_code == 200
