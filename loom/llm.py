@@ -33,6 +33,7 @@ class GenerationResult:
     top_tokens: list[list[tuple[int, float]]] | None = None  # per generated token, when `top_n_tokens` > 0
     seed: int | None = None  # the seed used when sampling
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache
+    error: str | None = None  # the request failed while generating (no finish reason); the others went on
 
 
 class LLM:
@@ -122,6 +123,10 @@ class LLM:
                 for out in self.engine.step():
                     r = results.get(out.request_id)
                     if r is None or r.finish_reason is not None:
+                        continue
+                    if out.error is not None:  # this request failed in the step; the others go on
+                        r.error = out.error
+                        bar.update(1)
                         continue
                     for i, token in enumerate(out.new_token_ids):
                         r.token_ids.append(token)

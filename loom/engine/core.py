@@ -242,8 +242,10 @@ class EngineCore:
             self.speculator.observe_step(plan.num_tokens, result.forward_seconds)
         requests = {s.request.request_id: s.request for s in scheduled.seqs}
         tokens_before = {rid: r.num_tokens for rid, r in requests.items()}
-        self.scheduler.update(scheduled, result)
-        return self._outputs(requests, tokens_before, result)
+        finished = self.scheduler.update(scheduled, result)
+        failed = [RequestOutput(r.request_id, finished=True, num_prompt_tokens=r.num_prompt_tokens, error=r.error)
+                  for r in finished if r.error is not None]
+        return self._outputs(requests, tokens_before, result) + failed
 
     @staticmethod
     def _outputs(requests: dict[str, Request], tokens_before: dict[str, int],
@@ -251,6 +253,8 @@ class EngineCore:
         outputs = []
         for i, rid in enumerate(result.request_ids):
             r = requests[rid]
+            if r.error is not None:
+                continue  # failed after sampling: reported as a failure
             # the scheduler drops the tokens after a stop among several accepted ones: report those it kept
             kept = r.num_tokens - tokens_before[rid]
             first = tokens_before[rid] == r.num_prompt_tokens

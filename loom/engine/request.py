@@ -35,6 +35,7 @@ class Request:
     grammar: Any = None  # the llguidance matcher of a constrained request (loom.grammar.guide), else None
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: FinishReason | None = None
+    error: str | None = None  # why it failed while running (finished as aborted; the client gets a 424)
 
     def __post_init__(self) -> None:
         if not self.token_ids:

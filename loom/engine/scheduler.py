@@ -13,7 +13,9 @@ position is computed in the step, and counts as computed only once accepted.
 
 from __future__ import annotations
 
+import logging
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from loom.config import EngineConfig
@@ -21,7 +23,10 @@ from loom.engine.kv.kv_manager import KVCacheManager
 from loom.engine.request import FinishReason, Request, RequestStatus
 from loom.engine.speculation import DraftCandidate, Speculator
 from loom.grammar.guide import GrammarGuide
+from loom.protocol.outputs import failure_message
 from loom.protocol.plan import NewSeq, PromptScores, RunningSeq, StepPlan, StepResult
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -186,7 +191,9 @@ class Scheduler:
 
     def update(self, scheduled: SchedulerOutput, result: StepResult) -> list[Request]:
         """Advance the scheduled requests past this step with what it produced (new tokens, prompt scores).
-        Returns the requests that finished this step (their blocks are already free)."""
+        Returns the requests that finished this step (their blocks are already free), among them those that
+        failed in it (`error` set): in the runner (`result.failed`) or here. A failure is the request's own: the
+        rest of the batch goes on."""
         finished = []
         new_tokens = dict(zip(result.request_ids, result.token_ids))
         if result.draft_ids and self.speculator is not None and self.speculator.drafts_from_model:
@@ -194,34 +201,50 @@ class Scheduler:
                 self.speculator.receive(rid, drafts)
         for seq in scheduled.seqs:
             request = seq.request
-            known_end = seq.start + seq.num_new_tokens - len(seq.draft_ids)  # positions of known tokens computed
-            prompt_part = max(0, min(known_end, request.num_prompt_tokens) - seq.start)
-            self.stats.num_computed_prompt_tokens += prompt_part
-            scores = result.prompt_scores.get(request.request_id)
-            if scores is not None:
-                self._record_prompt_scores(request, scores)
-            tokens = new_tokens.get(request.request_id, ())
-            if seq.draft_ids:
-                # tokens = the accepted drafts, then the runner's own choice after them
-                assert self.speculator is not None
-                self.speculator.record(request.request_id, seq.draft_order, len(seq.draft_ids), len(tokens) - 1)
-                known_end += len(tokens) - 1
-            reason = None
-            for token in tokens:  # TGI: the stopping criteria run per token; tokens after a stop are dropped
-                request.token_ids.append(token)
-                if request.grammar is not None:
-                    GrammarGuide.advance(request.grammar, token)
-                reason = self._stop_reason(request, token)
-                if reason is not None:
-                    break
-            # an accepted draft's position is computed; after a stop inside the accepted ones, those past it are not
-            request.num_computed_tokens = min(known_end, request.num_tokens - 1) if tokens else known_end
-            self.kv.index_full_blocks(request.request_id, request.token_ids, request.num_computed_tokens,
-                                      request.params.adapter_id)
-            if reason is not None:
-                self._finish(request, reason)
-                finished.append(request)
+            why = result.failed.get(request.request_id)
+            if why is None:
+                try:
+                    reason = self._advance(seq, result, new_tokens.get(request.request_id, ()))
+                except Exception as err:
+                    logger.exception("request %s failed while advancing past its step", request.request_id)
+                    why = failure_message(err)
+                else:
+                    if reason is not None:
+                        self._finish(request, reason)
+                        finished.append(request)
+                    continue
+            self._finish(request, FinishReason.ABORTED)
+            request.error = why
+            finished.append(request)
         return finished
+
+    def _advance(self, seq: ScheduledSeq, result: StepResult, tokens: Sequence[int]) -> FinishReason | None:
+        """One request past its step: computed positions, prompt scores, new tokens up to a stop; why it stops."""
+        request = seq.request
+        known_end = seq.start + seq.num_new_tokens - len(seq.draft_ids)  # positions of known tokens computed
+        prompt_part = max(0, min(known_end, request.num_prompt_tokens) - seq.start)
+        self.stats.num_computed_prompt_tokens += prompt_part
+        scores = result.prompt_scores.get(request.request_id)
+        if scores is not None:
+            self._record_prompt_scores(request, scores)
+        if seq.draft_ids:
+            # tokens = the accepted drafts, then the runner's own choice after them
+            assert self.speculator is not None
+            self.speculator.record(request.request_id, seq.draft_order, len(seq.draft_ids), len(tokens) - 1)
+            known_end += len(tokens) - 1
+        reason = None
+        for token in tokens:  # TGI: the stopping criteria run per token; tokens after a stop are dropped
+            request.token_ids.append(token)
+            if request.grammar is not None:
+                GrammarGuide.advance(request.grammar, token)
+            reason = self._stop_reason(request, token)
+            if reason is not None:
+                break
+        # an accepted draft's position is computed; after a stop inside the accepted ones, those past it are not
+        request.num_computed_tokens = min(known_end, request.num_tokens - 1) if tokens else known_end
+        self.kv.index_full_blocks(request.request_id, request.token_ids, request.num_computed_tokens,
+                                  request.params.adapter_id)
+        return reason
 
     @staticmethod
     def _record_prompt_scores(request: Request, scores: PromptScores) -> None:

@@ -4,8 +4,9 @@
     router ◀──PULL── {endpoint}-out  (EngineReady once, then one StepOutputs frame per step, RequestFailed, HealthReport)
 
 The loop drains incoming messages (without waiting while there is work), runs one step, and sends all requests'
-new tokens in one frame. A failure inside a step fails the requests of that step, frees their blocks and marks the
-engine unhealthy until a health probe succeeds; the process keeps serving. The exception is a tensor-parallel
+new tokens in one frame. A request whose own part of a step raises (its grammar, its sampling) fails alone and the
+batch goes on. A failure of the step itself (the forward pass) fails the requests of that step, frees their blocks
+and marks the engine unhealthy until a health probe succeeds; the process keeps serving. The exception is a tensor-parallel
 failure (a rank died, or the ranks fell out of step): the process exits, and the launcher takes the server down.
 """
 
@@ -132,6 +133,12 @@ class EngineServer:
             self._fail_running(f"Server error: {err}")
             return
         elapsed = time.perf_counter() - start
+        failed = [o for o in outputs if o.error is not None]
+        if failed:  # a request's own failure: it gets a 424, the batch goes on
+            outputs = [o for o in outputs if o.error is None]
+            for out in failed:
+                self._send(RequestFailed(out.request_id, FailureKind.GENERATION, out.error or ""))
+                tracing.end_span(self._spans.pop(out.request_id, None), error=out.error)
         prefill = sched.stats.num_computed_prompt_tokens - computed_before
         drafted, accepted = (spec.num_draft_tokens - drafted_before, spec.num_accepted_tokens - accepted_before) \
             if spec else (0, 0)

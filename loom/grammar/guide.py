@@ -12,6 +12,7 @@ import logging
 from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 import llguidance
 import llguidance.hf
@@ -20,11 +21,22 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from loom.grammar.spec import GrammarError, GrammarSpec
+from loom.protocol.outputs import failure_message
 
 logger = logging.getLogger(__name__)
 
 # Compiled grammars kept for reuse (TGI keeps 32 outlines guides); a new request deep-copies the compiled matcher.
 GRAMMAR_CACHE_SIZE = 32
+
+
+@dataclass(slots=True)
+class MaskBatch:
+    """One step's grammar masks: `allowed` [rows, vocab_size] bool in matcher order (a matcher's row, then one per
+    draft), and the matchers whose masks could not be computed (index → why): their requests fail, the others'
+    masks stand."""
+
+    allowed: torch.Tensor
+    errors: dict[int, str] = field(default_factory=dict)
 
 
 class GrammarGuide:
@@ -58,41 +70,49 @@ class GrammarGuide:
         return compiled.deep_copy()
 
     def masks(self, matchers: Sequence[llguidance.LLMatcher],
-              drafts: Sequence[Sequence[int]] | None = None) -> torch.Tensor:
-        """[rows, vocab_size] bool: the tokens each matcher allows next (only EOS once it is complete or in error).
-        With `drafts` (speculation), a matcher's row is followed by one row per draft token: what it allows after
-        consuming the drafts up to that one (the drafts are consumed, then rolled back)."""
+              drafts: Sequence[Sequence[int]] | None = None) -> MaskBatch:
+        """The tokens each matcher allows next (only EOS once it is complete or in error). With `drafts`
+        (speculation), a matcher's row is followed by one row per draft token: what it allows after consuming the
+        drafts up to that one (the drafts are consumed, then rolled back). A matcher that raises fails alone."""
         drafts = drafts if drafts is not None else [()] * len(matchers)
         words = (self.tokenizer.vocab_size + 31) // 32
         bits = np.zeros((sum(len(d) + 1 for d in drafts), words), dtype=np.int32)
-        row, eos_only = 0, []
-        for m, draft in zip(matchers, drafts):
-            m.unsafe_compute_mask_ptr(bits[row].ctypes.data, bits[row].nbytes)
-            row += 1
-            consumed = 0
-            for token in draft:
-                # The scheduler keeps only drafts the grammar accepts (validate_tokens). Should one fail anyway,
-                # the rows after it allow only EOS, as the matcher's error state does.
-                if m.validate_tokens([token]) == 1:
-                    m.consume_token(token)
-                    consumed += 1
-                    m.unsafe_compute_mask_ptr(bits[row].ctypes.data, bits[row].nbytes)
-                else:
-                    logger.error("grammar rejected draft token %d", token)
-                    eos_only.extend(range(row, row + len(draft) - consumed))
-                    row += len(draft) - consumed
-                    break
-                row += 1
-            if consumed:
-                m.rollback(consumed)
+        row, eos_only, errors = 0, [], {}
+        for i, (m, draft) in enumerate(zip(matchers, drafts)):
+            try:
+                eos_only.extend(self._matcher_rows(m, draft, bits[row : row + len(draft) + 1], row))
+            except Exception as err:  # this request's grammar: the others' masks stand
+                logger.exception("grammar mask failed")
+                errors[i] = failure_message(err)
+            row += len(draft) + 1
         allowed = np.unpackbits(bits.view(np.uint8), axis=1, bitorder="little")[:, : self.vocab_size].astype(bool)
         for r in eos_only:
             allowed[r] = False
             allowed[r, [t for t in self._eos if t < self.vocab_size]] = True
-        return torch.from_numpy(allowed)
+        return MaskBatch(torch.from_numpy(allowed), errors)
+
+    @staticmethod
+    def _matcher_rows(m: llguidance.LLMatcher, draft: Sequence[int], bits: np.ndarray, first_row: int) -> list[int]:
+        """One matcher's rows of `bits` (its own row, then one per draft); the rows that may allow only EOS."""
+        m.unsafe_compute_mask_ptr(bits[0].ctypes.data, bits[0].nbytes)
+        consumed = 0
+        try:
+            for token in draft:
+                # The scheduler keeps only drafts the grammar accepts (validate_tokens). Should one fail anyway,
+                # the rows after it allow only EOS, as the matcher's error state does.
+                if m.validate_tokens([token]) != 1:
+                    logger.error("grammar rejected draft token %d", token)
+                    return list(range(first_row + 1 + consumed, first_row + 1 + len(draft)))
+                m.consume_token(token)
+                consumed += 1
+                m.unsafe_compute_mask_ptr(bits[consumed].ctypes.data, bits[consumed].nbytes)
+            return []
+        finally:
+            if consumed:
+                m.rollback(consumed)
 
     def masks_async(self, matchers: Sequence[llguidance.LLMatcher],
-                    drafts: Sequence[Sequence[int]] | None = None) -> Future[torch.Tensor]:
+                    drafts: Sequence[Sequence[int]] | None = None) -> Future[MaskBatch]:
         """`masks` in a background thread: the engine starts it before the forward pass and waits after."""
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loom-grammar")

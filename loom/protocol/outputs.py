@@ -24,6 +24,13 @@ class FailureKind(str, enum.Enum):
     GENERATION = "generation"
 
 
+def failure_message(err: BaseException) -> str:
+    """What a client is told of an exception in its request's part of a step: the first line of the message (no
+    trace, no chained causes), as TGI's 'Server error: ...' generation errors read."""
+    lines = str(err).strip().splitlines()
+    return f"Server error: {lines[0][:300] if lines else type(err).__name__}"
+
+
 @dataclass(slots=True)
 class RequestOutput:
     """One request's progress in one step (a delta: only this step's tokens)."""
@@ -38,3 +45,4 @@ class RequestOutput:
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache
     seed: int | None = None
     prompt_logprobs: list[float | None] | None = None  # with the first token, when prompt logprobs were asked
+    error: str | None = None  # the request failed in this step (finished, no finish reason): why

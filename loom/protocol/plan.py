@@ -90,3 +90,6 @@ class StepResult:
     forward_seconds: float  # the model's forward pass (and the logits), not scheduling or sampling
     # speculator heads (Medusa, MLP speculator): each sampling request's proposed tokens after its new ones
     draft_ids: dict[str, list[int]] = field(default_factory=dict)
+    # requests whose own part of the step raised (their grammar, their sampling): request id → why. They are not
+    # in `request_ids`; the engine fails them and the rest of the batch goes on.
+    failed: dict[str, str] = field(default_factory=dict)

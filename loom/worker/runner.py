@@ -33,9 +33,10 @@ from loom.layers.linear import PackableLinear, pack_linear_weights
 from loom.layers.lora import LoraRows
 from loom.models.loader import load_model
 from loom.protocol import shard
+from loom.protocol.outputs import failure_message
 from loom.protocol.plan import PromptScores, StepPlan, StepResult
 from loom.sampling_params import SamplingParams
-from loom.worker.sampler import Sampler, SamplingRow, Watermark
+from loom.worker.sampler import Sampler, SamplerOutput, SamplingRow, Watermark
 
 logger = logging.getLogger(__name__)
 
@@ -381,23 +382,31 @@ class ModelRunner:
                     sampler_rows.append(row + n - 1)
                     rows.append(SamplingRow(s.state.params, s.state.generator, history))
             row += n
-        result = StepResult([s.request_id for s, _ in sampling], [], [], [], scores, forward_seconds)
+        result = StepResult([], [], [], [], scores, forward_seconds)
         if not sampling:
             return result
+        groups = [(s.request_id, i, 1 + s.num_draft) for s, i in sampling]  # each request's sampler rows
         allowed = None
         if guided is not None and guided.request_ids:
-            first = {s.request_id: (i, 1 + s.num_draft) for s, i in sampling}
+            batch = guided.masks.result()
+            for index, why in batch.errors.items():
+                result.failed[guided.request_ids[index]] = why
+            first = {rid: (i, n) for rid, i, n in groups}
             allowed = ([r for rid in guided.request_ids for r in range(first[rid][0], sum(first[rid]))],
-                       guided.masks.result())
+                       batch.allowed)
         sample_logits = logits if len(sampler_rows) == logits.shape[0] else logits[sampler_rows]
-        out = self.sampler(sample_logits, rows, allowed)
+        out, failed = self._choose_tokens(sample_logits, rows, allowed,
+                                          [g for g in groups if g[0] not in result.failed])
+        result.failed.update(failed)
         last_rows = []  # each request's row of its last new token (the speculator heads start there)
+        sampling = [(s, i) for s, i in sampling if s.request_id not in result.failed]
         for s, i in sampling:
             end = i + 1
             while end < i + 1 + s.num_draft and out.token_ids[end - 1] == rows[end - 1].draft_id:
                 end += 1  # the token chosen at row end-1 is the draft: the next row's choice stands
             tokens = out.token_ids[i:end]
             s.state.token_ids.extend(tokens)
+            result.request_ids.append(s.request_id)
             result.token_ids.append(tokens)
             result.logprobs.append(out.logprobs[i:end])
             result.top_tokens.append(out.top_tokens[i:end])
@@ -414,6 +423,57 @@ class ModelRunner:
                                         [t[-1] for t in result.token_ids], self.num_draft_tokens)
             result.draft_ids = {s.request_id: d for (s, _), d in zip(sampling, drafts)}
         return result
+
+    def _choose_tokens(self, logits: torch.Tensor, rows: list[SamplingRow],
+                       allowed: tuple[list[int], torch.Tensor] | None,
+                       groups: list[tuple[str, int, int]]) -> tuple[SamplerOutput, dict[str, str]]:
+        """The sampler over the step's rows, and the requests that failed in it (request id → why). `groups`:
+        (request id, first row, rows) of the requests to sample; rows of other requests (a failed grammar) are
+        left out. Should the batch raise, each request's rows run again alone, from the logits and generator
+        states from before, so that only a request whose own rows raise fails and the others' tokens are those
+        the batch would have given."""
+        wanted = [r for _, first, n in groups for r in range(first, first + n)]
+        if len(wanted) < len(rows):  # leave out the failed requests' rows
+            return self._sample_alone(logits, rows, allowed, groups)
+        if len(groups) == 1:
+            try:
+                return self.sampler(logits, rows, allowed), {}
+            except Exception as err:
+                logger.exception("sampling failed for request %s", groups[0][0])
+                return SamplerOutput([0] * len(rows), [0.0] * len(rows), [[] for _ in rows]), \
+                    {groups[0][0]: failure_message(err)}
+        pristine = logits.clone()  # the sampler works in place
+        generators = {id(r.generator): r.generator for r in rows if r.generator is not None}
+        states = [(g, g.get_state()) for g in generators.values()]
+        try:
+            return self.sampler(logits, rows, allowed), {}
+        except Exception:
+            logger.exception("sampling a batch of %d requests failed: each one alone", len(groups))
+        for g, state in states:
+            g.set_state(state)
+        return self._sample_alone(pristine, rows, allowed, groups)
+
+    def _sample_alone(self, logits: torch.Tensor, rows: list[SamplingRow],
+                      allowed: tuple[list[int], torch.Tensor] | None,
+                      groups: list[tuple[str, int, int]]) -> tuple[SamplerOutput, dict[str, str]]:
+        out = SamplerOutput([0] * len(rows), [0.0] * len(rows), [[] for _ in rows])
+        failed = {}
+        for rid, first, n in groups:
+            mine = None
+            if allowed is not None:
+                picked = [(j, r - first) for j, r in enumerate(allowed[0]) if first <= r < first + n]
+                if picked:
+                    mine = ([r for _, r in picked], allowed[1][[j for j, _ in picked]])
+            try:
+                part = self.sampler(logits[first : first + n], rows[first : first + n], mine)
+            except Exception as err:
+                logger.exception("sampling failed for request %s", rid)
+                failed[rid] = failure_message(err)
+                continue
+            out.token_ids[first : first + n] = part.token_ids
+            out.logprobs[first : first + n] = part.logprobs
+            out.top_tokens[first : first + n] = part.top_tokens
+        return out, failed
 
     def _head_drafts(self, sampling: list[tuple[_StepSeq, int]], last_rows: list[int],
                      tokens: list[list[int]]) -> dict[str, list[int]]:
