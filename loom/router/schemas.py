@@ -23,18 +23,20 @@ class GenerateParameters(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     adapter_id: str | None = None
-    best_of: int | None = Field(default=None, ge=0)
+    # Integer widths are TGI's (usize, i32, u32, u64): a wider value is a deserialization error (422), not a value
+    # the engine's message encoding overflows on.
+    best_of: int | None = Field(default=None, ge=0, lt=2**64)
     temperature: float | None = None
     repetition_penalty: float | None = None
     frequency_penalty: float | None = None
-    top_k: int | None = None
+    top_k: int | None = Field(default=None, ge=-(2**31), lt=2**31)
     top_p: float | None = None
     typical_p: float | None = None
     do_sample: bool = False
     max_new_tokens: int | None = Field(default=None, ge=0, lt=2**32)
     return_full_text: bool | None = None
     stop: list[str] = Field(default_factory=list)
-    truncate: int | None = Field(default=None, ge=0)
+    truncate: int | None = Field(default=None, ge=0, lt=2**64)
     watermark: bool = False
     details: bool = False
     decoder_input_details: bool = False

@@ -108,6 +108,14 @@ def test_json_that_serde_accepts_still_parses(client):
     assert r.json() == {"error": "Input validation error: grammar is not valid: recursion limit exceeded",
                         "error_type": "validation"}
 
+@pytest.mark.parametrize("params", [{"top_k": 10**30}, {"top_k": 2**31}, {"top_k": -(2**31) - 1},
+                                    {"best_of": 2**64}, {"truncate": 2**64}])
+def test_integers_wider_than_tgi_types_are_rejected(client, params):
+    """Found by fuzzing: top_k 10**30 passed validation and overflowed the engine message's encoding (500)."""
+    r = client.post("/generate", json={"inputs": "Hello", "parameters": {"max_new_tokens": 1, **params}})
+    assert r.status_code == 422, r.text
+    assert r.text.startswith("Failed to deserialize the JSON body into the target type: parameters.")
+
 def test_errors_inside_the_stream_keep_status_200(client):
     r = client.post("/generate_stream", json={"inputs": "Hi", "parameters": {"temperature": -1}})
     assert r.status_code == 200
