@@ -113,7 +113,9 @@ class StreamItem:
 
 
 def _json_float(x: float | None) -> float | None:
-    return None if x is None or math.isnan(x) else x
+    """JSON has no NaN or infinity: TGI (serde_json) writes them as null, e.g. the -inf logprob of a token a tiny
+    temperature left no probability."""
+    return None if x is None or not math.isfinite(x) else x
 
 
 class Generator:

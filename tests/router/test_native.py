@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -115,6 +116,22 @@ def test_integers_wider_than_tgi_types_are_rejected(client, params):
     r = client.post("/generate", json={"inputs": "Hello", "parameters": {"max_new_tokens": 1, **params}})
     assert r.status_code == 422, r.text
     assert r.text.startswith("Failed to deserialize the JSON body into the target type: parameters.")
+
+def test_non_finite_logprobs_are_null(client):
+    """Found by fuzzing: a tiny temperature gives -inf logprobs, which made the JSON encoder fail (500, or an
+    "Incomplete generation stream" event). TGI's serde_json writes non-finite floats as null."""
+    params = {"max_new_tokens": 2, "temperature": 1e-38, "details": True, "top_n_tokens": 3}
+    r = client.post("/generate", json={"inputs": "Hello", "parameters": params})
+    assert r.status_code == 200, r.text
+    d = r.json()["details"]
+    logprobs = [t["logprob"] for t in d["tokens"]] + [t["logprob"] for step in d["top_tokens"] for t in step]
+    assert None in logprobs and all(lp is None or math.isfinite(lp) for lp in logprobs)
+    r = client.post("/generate_stream", json={"inputs": "Hello", "parameters": params})
+    events = [json.loads(e[5:]) for e in sse_events(r.text)]
+    assert len(events) == 2 and all("error" not in e for e in events)
+    r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2,
+                                                  "temperature": 1e-38, "logprobs": True, "top_logprobs": 2})
+    assert r.status_code == 200, r.text
 
 def test_errors_inside_the_stream_keep_status_200(client):
     r = client.post("/generate_stream", json={"inputs": "Hi", "parameters": {"temperature": -1}})
