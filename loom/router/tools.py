@@ -17,6 +17,7 @@ from typing import Any
 import jinja2
 from jinja2 import meta
 
+from loom.router import strict_json
 from loom.router.chat import FunctionDefinition, Message, Tool
 from loom.router.errors import ToolError
 from loom.router.schemas import GrammarType
@@ -38,7 +39,8 @@ def selected_tools(tools: list[Tool] | None, tool_choice: str | dict | None) -> 
         return None
     choice = tool_choice if tool_choice is not None else "auto"
     if isinstance(choice, dict):
-        name = (choice.get("function") or {}).get("name")
+        function = choice.get("function")
+        name = function.get("name") if isinstance(function, dict) else None
         if not isinstance(name, str):
             raise ToolError("tool_choice must be \"auto\", \"none\", \"required\", a function name or "
                             "{\"type\": \"function\", \"function\": {\"name\": ...}}")
@@ -56,17 +58,26 @@ def selected_tools(tools: list[Tool] | None, tool_choice: str | dict | None) -> 
 
 
 def tool_grammar(tools: list[Tool]) -> GrammarType:
-    """TGI's `JsonSchemaTool`: `{"function": one of the tools' objects}`, each object naming its tool in `_name`."""
+    """TGI's `JsonSchemaTool`: `{"function": one of the tools' objects}`, each object naming its tool in `_name`.
+    As in TGI, parts of the arguments schema of the wrong JSON type are ignored (arguments that are not an object,
+    `properties` that is not an object, `required` that is not an array); a string holding an object is read as
+    that object (a Loom extension)."""
     defs = {}
     for tool in tools:
         params = tool.function.arguments
         if isinstance(params, str):
-            params = json.loads(params)
+            try:
+                params = strict_json.loads(params)
+            except ValueError:
+                params = None
         params = params if isinstance(params, dict) else {}
+        properties = params.get("properties")
+        required = params.get("required")
         defs[tool.function.name] = {
             "description": tool.function.description or "",
-            "properties": {"_name": {"type": "string", "const": tool.function.name}, **params.get("properties", {})},
-            "required": ["_name", *params.get("required", [])],
+            "properties": {"_name": {"type": "string", "const": tool.function.name},
+                           **(properties if isinstance(properties, dict) else {})},
+            "required": ["_name", *(required if isinstance(required, list) else [])],
             # TGI quirk kept: only the *string* "true" opens the object.
             "additionalProperties": params.get("additionalProperties") == "true",
             "type": "object",

@@ -249,6 +249,20 @@ def test_tools_and_response_format(client):
     assert chat(client, max_tokens=2, tools=[])["usage"]["completion_tokens"] == 2
 
 
+@pytest.mark.parametrize("function, choice", [
+    ({"name": "f", "parameters": "not json"}, None), ({"name": "f", "parameters": {"properties": [1]}}, None),
+    ({"name": "f", "parameters": {"required": 5}}, "required"), ({"name": "f", "parameters": {}}, {"function": "f"}),
+])
+def test_odd_tool_shapes_are_not_server_errors(client, function, choice):
+    """Found by fuzzing: each of these was a 500 (the client fixture raises the server's exception)."""
+    body = {"messages": HELLO, "max_tokens": 2, "tools": [{"type": "function", "function": function}]}
+    if choice is not None:
+        body["tool_choice"] = choice
+    r = client.post("/v1/chat/completions", json=body)
+    assert r.status_code in (200, 422), r.text
+    if r.status_code == 422:
+        assert r.json()["error_type"] == "tool_error"
+
 def test_continue_final_message(client):
     messages = HELLO + [{"role": "assistant", "content": "Once upon a"}]
     tok = client.post("/chat_tokenize", json={"messages": messages}).json()

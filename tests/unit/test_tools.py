@@ -49,6 +49,22 @@ def test_grammar_shape():
     assert tool_grammar([opened]).value["$defs"]["o"]["additionalProperties"] is True  # TGI: only the string
 
 
+@pytest.mark.parametrize("arguments", ["not json", "[1, 2]", None, 5, {"properties": [1]}, {"required": "a"},
+                                       {"properties": "x", "required": {"a": 1}}])
+def test_grammar_ignores_arguments_of_the_wrong_type(arguments):
+    """Found by fuzzing (each was a 500): as in TGI, only an object's `properties` object and `required` array count."""
+    tool = Tool.model_validate({"function": {"name": "f", "arguments": arguments}})
+    f = tool_grammar([tool]).value["$defs"]["f"]
+    assert f["properties"] == {"_name": {"type": "string", "const": "f"}} and f["required"] == ["_name"]
+    as_string = Tool.model_validate({"function": {"name": "f", "arguments": '{"properties": {"a": {}}}'}})
+    assert "a" in tool_grammar([as_string]).value["$defs"]["f"]["properties"]
+
+
+@pytest.mark.parametrize("choice", [{"function": "f"}, {"function": None}, {"function": {"name": 1}}, {}])
+def test_odd_tool_choice_objects_are_a_tool_error(choice):
+    with pytest.raises(ToolError, match="tool_choice must be"):
+        selected_tools([OTHER], choice)
+
 def test_parse_keeps_argument_order():
     call = parse_tool_call('{"function": {"_name": "get_current_weather", "location": "Paris", "format": "celsius"}}')
     assert (call.name, call.arguments) == ("get_current_weather", '{"location":"Paris","format":"celsius"}')
