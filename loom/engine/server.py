@@ -29,6 +29,7 @@ from loom.protocol.messages import (
     HealthCheck,
     HealthReport,
     Hello,
+    KVBlocks,
     QueueState,
     RequestFailed,
     StepOutputs,
@@ -50,6 +51,7 @@ class EngineServer:
     endpoint: str
     healthy: bool = True
     _stop: bool = False
+    _busy: bool = False  # a step ran since the engine was last idle
     _spans: dict = field(default_factory=dict)  # request id → its engine-side trace span (tracing on only)
 
     def run(self) -> None:
@@ -66,6 +68,9 @@ class EngineServer:
                 self._drain(wait_ms=0 if self.engine.has_unfinished() else IDLE_POLL_MS)
                 if self.engine.has_unfinished():
                     self._step()
+                elif self._busy:  # just went idle (the last request finished, failed or was aborted)
+                    self._busy = False
+                    self._send(self._idle_state())
         finally:
             self._in.close(linger=0)
             self._out.close()
@@ -113,14 +118,32 @@ class EngineServer:
                 tracing.end_span(self._spans.pop(rid, None), error="aborted")
             if aborted:  # no step may follow (the engine may now be idle): the gauges must still be true
                 sched = self.engine.scheduler
-                self._send(QueueState(len(sched.running), len(sched.waiting)))
+                self._send(QueueState(len(sched.running), len(sched.waiting), self._kv_blocks()))
         elif isinstance(msg, HealthCheck):
             self._send(self._health(msg.nonce))
 
+    def _kv_blocks(self, integrity: str | None = None) -> KVBlocks:
+        pool = self.engine.kv.pool
+        return KVBlocks(pool.num_blocks, pool.num_used, pool.num_cached_unused, integrity)
+
+    def _idle_state(self) -> QueueState:
+        """The queue (empty) and the KV cache of an engine that just went idle, with the integrity check that only
+        an idle engine can run: every block free or cached, the pool's bookkeeping consistent."""
+        try:
+            self.engine.check_integrity()
+            problem = ""
+        except AssertionError as err:
+            problem = str(err) or "failed"
+            logger.error("KV cache integrity check failed on the idle engine: %s", problem)
+        sched = self.engine.scheduler
+        return QueueState(len(sched.running), len(sched.waiting), self._kv_blocks(problem))
+
     def _step(self) -> None:
+        self._busy = True
         sched = self.engine.scheduler
         start = time.perf_counter()
         computed_before = sched.stats.num_computed_prompt_tokens
+        preempted_before = sched.stats.num_preemptions
         spec = self.engine.speculator.stats if self.engine.speculator is not None else None
         drafted_before, accepted_before = (spec.num_draft_tokens, spec.num_accepted_tokens) if spec else (0, 0)
         try:
@@ -143,7 +166,8 @@ class EngineServer:
         drafted, accepted = (spec.num_draft_tokens - drafted_before, spec.num_accepted_tokens - accepted_before) \
             if spec else (0, 0)
         stats = StepStats(len(sched.running), len(sched.waiting), prefill, sum(len(o.new_token_ids) for o in outputs),
-                          self.engine.last_forward_seconds, elapsed, drafted, accepted)
+                          self.engine.last_forward_seconds, elapsed, drafted, accepted, self._kv_blocks(),
+                          sched.stats.num_preemptions - preempted_before)
         self._send(StepOutputs(outputs, stats))
         if self._spans:
             for out in outputs:

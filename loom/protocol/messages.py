@@ -55,6 +55,17 @@ class EngineReady(msgspec.Struct, tag=True, frozen=True):
     speculate: int = 0  # most draft tokens per request and step (0: no speculative decoding)
 
 
+class KVBlocks(msgspec.Struct, frozen=True):
+    """The KV cache's blocks: held by requests, cached (held by none, revivable by a prefix hit), free; and, on an
+    idle engine, the outcome of its integrity check (free + cached + used = total, every reference held by a block
+    table, no block twice in one table): "" passed, else the problem; None when not checked (a busy engine)."""
+
+    total: int
+    used: int
+    cached: int
+    integrity: str | None = None
+
+
 class StepStats(msgspec.Struct, frozen=True):
     num_running: int
     num_waiting: int
@@ -64,6 +75,8 @@ class StepStats(msgspec.Struct, frozen=True):
     step_seconds: float  # whole step incl. scheduling and sampling
     num_draft_tokens: int = 0  # speculation: draft tokens verified this step
     num_accepted_tokens: int = 0  # of those, accepted
+    kv: KVBlocks | None = None  # after the step
+    num_preemptions: int = 0  # requests preempted this step (their KV freed; recomputed when re-admitted)
 
 
 class StepOutputs(msgspec.Struct, tag=True, frozen=True):
@@ -72,11 +85,13 @@ class StepOutputs(msgspec.Struct, tag=True, frozen=True):
 
 
 class QueueState(msgspec.Struct, tag=True, frozen=True):
-    """The engine's queue after something other than a step changed it (aborted requests): the gauges a step
-    frame would carry, so that they are true on an engine that has gone idle."""
+    """The engine's queue after something other than a step changed it (aborted requests), and once more when the
+    engine goes idle (with its KV integrity check): the gauges a step frame would carry, so that they are true on
+    an idle engine."""
 
     num_running: int
     num_waiting: int
+    kv: KVBlocks | None = None
 
 
 class RequestFailed(msgspec.Struct, tag=True, frozen=True):

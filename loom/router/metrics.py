@@ -6,7 +6,7 @@ import re
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 
-from loom.protocol.messages import QueueState, StepOutputs
+from loom.protocol.messages import KVBlocks, QueueState, StepOutputs
 
 
 disable_created_metrics()  # TGI exposes no `_created` series
@@ -82,11 +82,35 @@ class Metrics:
         self.spec_acceptance_rate = Gauge(
             "loom_spec_decode_acceptance_rate", "Accepted / verified draft tokens since start", registry=r)
         self._drafted = self._accepted = 0
+        # Debug: the engine's KV blocks after each step, and the integrity check it runs each time it goes idle
+        self.kv_blocks = Gauge("loom_kv_cache_blocks", "KV cache blocks by state: used (held by requests), cached "
+                               "(held by none, revivable by a prefix hit), free", ["state"], registry=r)
+        self.kv_integrity_checks = Counter(
+            "loom_kv_cache_integrity_checks", "Integrity checks of the idle engine's KV cache (free + cached + used "
+            "= total, every reference held by a block table, no block twice in a table)", ["result"], registry=r)
+        self.kv_integrity_ok = Gauge(
+            "loom_kv_cache_integrity_ok", "1 if the latest idle KV integrity check passed, 0 if it failed "
+            "(1 before the first)", registry=r)
+        self.kv_integrity_ok.set(1)
+        self.preemptions = Counter(
+            "loom_request_preemptions", "Requests preempted for KV space (freed, recomputed when re-admitted)",
+            registry=r)
+
+    def _observe_kv(self, kv: KVBlocks | None) -> None:
+        if kv is None:
+            return
+        self.kv_blocks.labels("used").set(kv.used)
+        self.kv_blocks.labels("cached").set(kv.cached)
+        self.kv_blocks.labels("free").set(kv.total - kv.used - kv.cached)
+        if kv.integrity is not None:
+            self.kv_integrity_checks.labels("passed" if kv.integrity == "" else "failed").inc()
+            self.kv_integrity_ok.set(kv.integrity == "")
 
     def observe_queue_state(self, state: QueueState) -> None:
-        """The engine's queue after aborts (no step frame may follow them)."""
+        """The engine's queue after aborts (no step frame may follow them) and when it goes idle."""
         self.batch_current_size.set(state.num_running)
         self.queue_size.set(state.num_waiting)
+        self._observe_kv(state.kv)
 
     def observe_step(self, step: StepOutputs) -> None:
         """Called by the engine client for every step frame. A step with prompt tokens counts as a prefill."""
@@ -98,6 +122,9 @@ class Metrics:
         self.batch_inference_duration.labels(method).observe(s.step_seconds)
         self.batch_current_size.set(s.num_running)
         self.queue_size.set(s.num_waiting)
+        self._observe_kv(s.kv)
+        if s.num_preemptions:
+            self.preemptions.inc(s.num_preemptions)
         for out in step.outputs:
             if out.new_token_ids:
                 self.skipped_tokens.observe(len(out.new_token_ids) - 1)

@@ -411,3 +411,43 @@ def test_check_integrity_catches_more_keys_than_blocks():
     kv._keys["b"].extend([(None, (0,))] * 3)
     with pytest.raises(AssertionError, match="more keys than blocks"):
         kv.check_integrity()
+
+
+def test_check_integrity_catches_a_block_twice_in_one_table():
+    kv = _busy_manager()
+    table = kv._tables["b"]
+    table.append(table[0])
+    table[0].ref_count += 1  # the counts agree: only the duplicate is wrong
+    with pytest.raises(AssertionError, match="a block twice in its table"):
+        kv.check_integrity()
+
+
+def test_block_state_counts_follow_every_transition():
+    """used + cached + free = total after each pool operation, the counts kept in O(1) (the debug metric's
+    source), and the integrity check holds them to a recount."""
+    kv = KVCacheManager(num_blocks=6, block_size=BS)
+    pool = kv.pool
+
+    def counts() -> tuple[int, int, int]:
+        kv.check_integrity()
+        free = pool.num_blocks - pool.num_used - pool.num_cached_unused
+        return pool.num_used, pool.num_cached_unused, free
+
+    assert counts() == (0, 0, 6)
+    compute(kv, "a", list(range(9)))  # 3 blocks, 2 full ones indexed
+    assert counts() == (3, 0, 3)
+    kv.free("a")
+    assert counts() == (0, 2, 4)
+    compute(kv, "b", list(range(9)), kv.find_cached_prefix(list(range(9))))  # revives both cached blocks
+    assert counts() == (3, 0, 3)
+    kv.free("b")
+    assert counts() == (0, 2, 4)
+    compute(kv, "c", [100 + t for t in range(24)])  # needs all 6: evicts the 2 cached blocks
+    assert counts() == (6, 0, 0)
+    kv.free("c")
+    assert counts() == (0, 6, 0)
+    pool.reset_prefix_cache()
+    assert counts() == (0, 0, 6)
+    pool._num_cached_unused += 1
+    with pytest.raises(AssertionError, match="cached blocks in the free queue, counted"):
+        kv.check_integrity()

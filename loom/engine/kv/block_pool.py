@@ -32,6 +32,7 @@ class BlockPool:
         self.blocks = [KVBlock(i) for i in range(num_blocks)]
         self._free: OrderedDict[int, KVBlock] = OrderedDict((b.block_id, b) for b in self.blocks)
         self._cached: dict[BlockKey, KVBlock] = {}
+        self._num_cached_unused = 0  # blocks in the free queue that still carry a hash (kept up to date: O(1) reads)
         self.num_evictions = 0
 
     @property
@@ -42,6 +43,16 @@ class BlockPool:
     @property
     def num_cached(self) -> int:
         return len(self._cached)
+
+    @property
+    def num_used(self) -> int:
+        """Blocks some request holds (ref_count > 0)."""
+        return self.num_blocks - len(self._free)
+
+    @property
+    def num_cached_unused(self) -> int:
+        """Blocks no request holds that a prefix hit could still revive (evicted first-in, first-out)."""
+        return self._num_cached_unused
 
     def lookup(self, key: BlockKey) -> KVBlock | None:
         return self._cached.get(key)
@@ -57,6 +68,7 @@ class BlockPool:
                 del self._cached[block.key]
                 block.key = None
                 self.num_evictions += 1
+                self._num_cached_unused -= 1
             block.ref_count = 1
             out.append(block)
         return out
@@ -66,6 +78,7 @@ class BlockPool:
         for block in blocks:
             if block.ref_count == 0:
                 del self._free[block.block_id]
+                self._num_cached_unused -= block.key is not None
             block.ref_count += 1
 
     def release(self, blocks: list[KVBlock]) -> None:
@@ -75,6 +88,7 @@ class BlockPool:
             block.ref_count -= 1
             if block.ref_count == 0:
                 self._free[block.block_id] = block
+                self._num_cached_unused += block.key is not None
 
     def index(self, block: KVBlock, key: BlockKey) -> bool:
         """Make a full block findable by its key. False if an identical block is already indexed (kept as is)."""
@@ -82,12 +96,14 @@ class BlockPool:
             return False
         block.key = key
         self._cached[key] = block
+        self._num_cached_unused += block.ref_count == 0
         return True
 
     def reset_prefix_cache(self) -> None:
         for block in self._cached.values():
             block.key = None
         self._cached.clear()
+        self._num_cached_unused = 0
 
     def check_integrity(self, expected_refs: dict[int, int]) -> None:
         """`expected_refs`: block id → number of block tables holding it (from the KV manager)."""
@@ -100,3 +116,6 @@ class BlockPool:
                 assert self._cached.get(block.key) is block, f"block {block.block_id}: key not indexed"
         assert all(b.key == k for k, b in self._cached.items()), "prefix index points at a re-keyed block"
         assert len(self._free) + sum(1 for b in self.blocks if b.ref_count > 0) == self.num_blocks
+        cached_unused = sum(1 for b in self._free.values() if b.key is not None)
+        assert cached_unused == self._num_cached_unused, \
+            f"{cached_unused} cached blocks in the free queue, counted {self._num_cached_unused}"

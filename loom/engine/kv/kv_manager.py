@@ -114,7 +114,11 @@ class KVCacheManager:
         return len(self._tables)
 
     def check_integrity(self) -> None:
-        """free + in use == total, every reference accounted for by a block table, the prefix index consistent."""
+        """free + in use == total, every reference accounted for by a block table, no block twice in one table, the
+        prefix index consistent. Raises AssertionError naming the first problem."""
+        for request_id, table in self._tables.items():
+            ids = [b.block_id for b in table]
+            assert len(set(ids)) == len(ids), f"{request_id}: a block twice in its table"
         refs = Counter(b.block_id for table in self._tables.values() for b in table)
         self.pool.check_integrity(dict(refs))
         for request_id, keys in self._keys.items():
