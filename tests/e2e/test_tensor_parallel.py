@@ -46,8 +46,33 @@ def test_two_shards_serve_the_one_rank_greedy_tokens(sharded, llama_dir):
 
 
 def test_killing_one_rank_takes_the_server_down(sharded):
+    """Streams in flight end with a clean error event; the launcher exits non-zero within seconds, naming the rank."""
+    import json
+    import threading
+
     roles = ["engine rank 0", "engine rank 1", "router"]
     pids = {role: sharded.child_pid(role) for role in roles}
+    endings: list[object] = []
+    streaming = threading.Barrier(3)
+
+    def stream() -> None:
+        body = {"inputs": "Killed", "parameters": {"max_new_tokens": 400, "ignore_eos": True}}
+        last: object = "no event"
+        try:
+            with requests.post(f"{sharded.url}/generate_stream", json=body, stream=True, timeout=60) as r:
+                lines = (ln for ln in r.iter_lines() if ln.startswith(b"data:"))
+                last = json.loads(next(lines)[5:])
+                streaming.wait(30)
+                for line in lines:
+                    last = json.loads(line[5:])
+        except requests.RequestException as err:
+            last = f"connection error: {err}"
+        endings.append(last)
+
+    clients = [threading.Thread(target=stream) for _ in range(2)]
+    for c in clients:
+        c.start()
+    streaming.wait(60)
     start = time.monotonic()
     os.kill(pids["engine rank 1"], signal.SIGKILL)
     try:
@@ -55,6 +80,10 @@ def test_killing_one_rank_takes_the_server_down(sharded):
     except subprocess.TimeoutExpired:
         raise AssertionError("launcher kept running after a rank died:\n" + sharded.logs())
     elapsed = time.monotonic() - start
+    for c in clients:
+        c.join(30)
+    assert endings == [{"error": "Request failed during generation: the engine process exited",
+                        "error_type": "generation"}] * 2
     assert code != 0
     assert elapsed < 10, elapsed
     assert "engine rank 1 exited unexpectedly (killed by SIGKILL)" in sharded.logs()
