@@ -442,7 +442,8 @@ class ModelRunner:
                 logger.exception("sampling failed for request %s", groups[0][0])
                 return SamplerOutput([0] * len(rows), [0.0] * len(rows), [[] for _ in rows]), \
                     {groups[0][0]: failure_message(err)}
-        pristine = logits.clone()  # the sampler works in place
+        # the sampler works in place: a copy to start again from (greedy rows only read the logits)
+        pristine = logits.clone() if self.sampler.edits_logits(rows, allowed) else logits
         generators = {id(r.generator): r.generator for r in rows if r.generator is not None}
         states = [(g, g.get_state()) for g in generators.values()]
         try:

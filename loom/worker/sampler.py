@@ -243,6 +243,13 @@ class Sampler:
     def __init__(self, watermark: Watermark | None = None):
         self.watermark = watermark or Watermark()
 
+    @staticmethod
+    def edits_logits(rows: Sequence[SamplingRow], allowed: tuple[list[int], torch.Tensor] | None) -> bool:
+        """Whether a call would change float32 logits in place (a watermark, penalties, a grammar mask, a warper);
+        plain greedy rows only read them."""
+        return bool(allowed and allowed[0]) or any(
+            r.params.watermark or r.params.uses_penalties or r.params.is_sampling for r in rows)
+
     def __call__(
         self, logits: torch.Tensor, rows: Sequence[SamplingRow],
         allowed: tuple[list[int], torch.Tensor] | None = None,
