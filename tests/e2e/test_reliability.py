@@ -170,19 +170,25 @@ def test_sigkill_of_the_engine_mid_stream_gives_every_client_a_clean_error(launc
             return "connection cut"
         return last
 
+    async def generate(session: aiohttp.ClientSession) -> dict:
+        body = {"inputs": "killed too", "parameters": {"max_new_tokens": 400, "ignore_eos": True}}
+        async with session.post(f"{server.url}/generate", json=body) as r:
+            return {"status": r.status, **(await r.json())}
+
     async def run() -> list[dict | str]:
         started = asyncio.Event()
         count = [0]
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
             tasks = [asyncio.create_task(stream(session, started, count)) for _ in range(3)]
+            tasks.append(asyncio.create_task(generate(session)))
             await asyncio.wait_for(started.wait(), 60)
             os.kill(engine, signal.SIGKILL)
             return await asyncio.gather(*tasks)
 
     start = time.monotonic()
     endings = asyncio.run(run())
-    assert endings == [{"error": "Request failed during generation: the engine process exited",
-                        "error_type": "generation"}] * 3
+    error = {"error": "Request failed during generation: the engine process exited", "error_type": "generation"}
+    assert endings == [error] * 3 + [{"status": 424, **error}]
     try:
         code = server.proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
