@@ -103,9 +103,12 @@ def template_uses_tools(source: str | None) -> bool:
 def with_tool_prompt(messages: list[Message], tools: list[Tool], tool_prompt: str | None,
                      uses_tools: bool) -> tuple[list[Message], list[dict] | None]:
     """Append the tool instructions to the last message (with the tools' JSON when the template cannot show
-    them itself). Returns the messages and the `tools` value for the template."""
+    them itself). Returns the messages and the `tools` value for the template. No messages: nothing to append
+    to (the template then refuses the empty conversation)."""
     prompt = tool_prompt or DEFAULT_TOOL_PROMPT
     serialized = [{"type": t.type, "function": t.function.as_dict()} for t in tools]
+    if not messages:
+        return messages, (serialized if uses_tools else None)
     suffix = "\n---\n" + prompt if uses_tools else "\n---\n" + compact(serialized) + "\n" + prompt
     last = messages[-1]
     content = last.flatten()["content"] + suffix

@@ -263,6 +263,13 @@ def test_odd_tool_shapes_are_not_server_errors(client, function, choice):
     if r.status_code == 422:
         assert r.json()["error_type"] == "tool_error"
 
+def test_tools_with_no_messages_are_a_template_error(client):
+    """Found by fuzzing: the tool prompt was appended to a last message that did not exist (500)."""
+    tool = {"type": "function", "function": {"name": "f", "parameters": {}}}
+    for path in ("/v1/chat/completions", "/chat_tokenize"):
+        r = client.post(path, json={"messages": [], "max_tokens": 2, "tools": [tool]})
+        assert r.status_code == 422 and r.json()["error_type"] == "template_error", r.text
+
 def test_continue_final_message(client):
     messages = HELLO + [{"role": "assistant", "content": "Once upon a"}]
     tok = client.post("/chat_tokenize", json={"messages": messages}).json()
