@@ -81,6 +81,41 @@ def process_tree(launcher: int) -> dict[str, int]:
     return tree
 
 
+def cpu_jiffies() -> tuple[int, int]:
+    """(busy, total) jiffies of the whole machine since boot."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def process_jiffies(pids: list[int]) -> int:
+    """utime + stime of the processes (their threads included)."""
+    out = 0
+    for pid in pids:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            out += int(stat[11]) + int(stat[12])
+        except OSError:
+            pass
+    return out
+
+
+class OtherLoad:
+    """The share of the machine's CPU that neither the server nor this script used in each interval: other
+    programs running beside the soak make its latencies noisy, and this says when."""
+
+    def __init__(self, pids: list[int]):
+        self.pids = pids + [os.getpid()]
+        self._last = (*cpu_jiffies(), process_jiffies(self.pids))
+
+    def share(self) -> float:
+        busy, total = cpu_jiffies()
+        ours = process_jiffies(self.pids)
+        b0, t0, o0 = self._last
+        self._last = (busy, total, ours)
+        return max(0.0, (busy - b0) - (ours - o0)) / max(1, total - t0)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -224,13 +259,14 @@ class Sample:
     latency_p99: float | None
     stream_p50: float | None  # seconds, complete streams
     stream_p99: float | None
+    other_cpu: float  # share of the machine's CPU used by other programs during the interval
 
 
 GENERATIONS = {"generate", "chat", "grammar", "stop", "tools"}
 STREAMS = {"generate_stream", "chat_stream", "completions_stream"}
 
 
-def sample(base_url: str, tree: dict[str, int], start: float, window: list[Outcome]) -> Sample:
+def sample(base_url: str, tree: dict[str, int], start: float, window: list[Outcome], other: OtherLoad) -> Sample:
     m = scrape(base_url)
     gens = [o.seconds for o in window if o.ok and o.kind in GENERATIONS]
     streams = [o.seconds for o in window if o.ok and o.kind in STREAMS]
@@ -242,7 +278,7 @@ def sample(base_url: str, tree: dict[str, int], start: float, window: list[Outco
         running=m.get("tgi_batch_current_size", float("nan")), waiting=m.get("tgi_queue_size", float("nan")),
         completed=len(window), unexpected=sum(1 for o in window if not o.ok),
         latency_p50=percentile(gens, 0.5), latency_p99=percentile(gens, 0.99),
-        stream_p50=percentile(streams, 0.5), stream_p99=percentile(streams, 0.99),
+        stream_p50=percentile(streams, 0.5), stream_p99=percentile(streams, 0.99), other_cpu=other.share(),
     )
 
 
@@ -273,7 +309,7 @@ def ratio_max_over_median(values: list[float | None]) -> float | None:
     return max(vals) / statistics.median(vals) if len(vals) >= 2 else None
 
 
-def plot(samples: list[Sample], path: Path, title: str) -> None:
+def plot(samples: list[Sample], path: Path, title: str, interval_minutes: float) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -295,7 +331,10 @@ def plot(samples: list[Sample], path: Path, title: str) -> None:
                         ("stream_p50", "stream p50"), ("stream_p99", "stream p99")):
         axes[2].plot(minutes, [getattr(s, attr) if getattr(s, attr) is not None else float("nan") for s in samples],
                      marker=".", label=label)
-    axes[2].set_ylabel("request latency (s)")
+    noisy = [s.minute for s in samples if s.other_cpu > 0.1]
+    for m in noisy:  # intervals where other programs took more than a tenth of the CPU
+        axes[2].axvspan(m - interval_minutes, m, color="0.9")
+    axes[2].set_ylabel("request latency (s)" + ("\n(grey: other programs >10% CPU)" if noisy else ""))
     axes[2].set_xlabel("minutes of load")
     axes[2].legend(loc="center right")
     axes[2].set_ylim(bottom=0)
@@ -328,19 +367,20 @@ async def run_load(base_url: str, tree: dict[str, int], args: argparse.Namespace
     clients = [asyncio.create_task(client_loop(base_url, args.seed + i, deadline, outcomes))
                for i in range(args.concurrency)]
     samples: list[Sample] = []
+    other = OtherLoad(list(tree.values()))
     seen = 0
     next_at = start + args.interval
     while not all(c.done() for c in clients):
         await asyncio.sleep(min(1.0, max(0.0, next_at - time.monotonic())))
         if time.monotonic() >= next_at and time.monotonic() < deadline + args.interval / 2:
             window, seen = outcomes[seen:], len(outcomes)
-            s = await asyncio.to_thread(sample, base_url, tree, start, window)
+            s = await asyncio.to_thread(sample, base_url, tree, start, window, other)
             samples.append(s)
             print(f"[{s.minute:5.1f} min] rss {' '.join(f'{k}={v:.0f}MB' for k, v in s.rss_mb.items())} "
                   f"kv used={s.kv_used:.0f} cached={s.kv_cached:.0f} running={s.running:.0f} "
                   f"waiting={s.waiting:.0f} done={s.completed} unexpected={s.unexpected} "
                   f"p50/p99 gen={_f(s.latency_p50)}/{_f(s.latency_p99)}s "
-                  f"stream={_f(s.stream_p50)}/{_f(s.stream_p99)}s", flush=True)
+                  f"stream={_f(s.stream_p50)}/{_f(s.stream_p99)}s other-cpu={s.other_cpu:.0%}", flush=True)
             next_at += args.interval
     for c in clients:
         c.result()  # a client loop that raised is a defect of this script: show it
@@ -424,7 +464,7 @@ def main() -> None:
               "verdict": {**asdict(verdict), "passed": verdict.passed},
               "requests_by_kind": {k: sum(1 for o in outcomes if o.kind == k) for k in KINDS}}
     (args.out / "soak.json").write_text(json.dumps(result, indent=1))
-    plot(samples, args.out / "soak.png", title)
+    plot(samples, args.out / "soak.png", title, args.interval / 60)
     print(json.dumps(result["verdict"], indent=1))
     print(f"wrote {args.out / 'soak.json'} and {args.out / 'soak.png'}")
     raise SystemExit(0 if verdict.passed else 1)
