@@ -57,7 +57,7 @@ class Campaign:
         headers = {"content-type": case.content_type} if case.content_type is not None else {}
         try:
             r = self.client.post(case.path, content=case.body, headers=headers)
-            problems = violations(r.status_code, r.headers.get("content-type", ""), r.content, case.body)
+            problems = violations(r.status_code, r.headers.get("content-type", ""), r.content, case.body, case.path)
             self.statuses[case.path][r.status_code] += 1
         except httpx.TimeoutException:
             problems = [f"no response within {self.client.timeout.read}s"]

@@ -12,7 +12,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import PlainTextResponse, Response
 
 from loom import __version__, tracing
-from loom.router import chat_routes, openai_routes, tgi_routes
+from loom.router import chat_routes, openai_routes, tgi_routes, vertex_routes
 from loom.router.config import RouterConfig
 from loom.router.engine_client import EngineClient
 from loom.router.errors import InferError, UnavailableError, infer_error_handler
@@ -22,7 +22,8 @@ logger = logging.getLogger(__name__)
 
 # Routes that need the API key when one is set (TGI's "base routes"); health, info, metrics and docs stay open.
 PROTECTED_PATHS = frozenset(
-    {"/", "/generate", "/generate_stream", "/v1/chat/completions", "/v1/completions", "/invocations", "/tokenize"}
+    {"/", "/generate", "/generate_stream", "/v1/chat/completions", "/v1/completions", "/vertex", "/invocations",
+     "/tokenize"}
 )
 
 
@@ -75,4 +76,5 @@ def create_app(config: RouterConfig, engine_endpoint: str, connect_timeout: floa
     app.include_router(tgi_routes.router)
     app.include_router(openai_routes.router)
     app.include_router(chat_routes.router)
+    app.include_router(vertex_routes.router)
     return app

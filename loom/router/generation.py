@@ -37,7 +37,7 @@ class TokenInfo:
 # TGI's span names for the routes that generate
 SPAN_NAMES = {"/generate": "generate", "/generate_stream": "generate_stream", "/": "compat_generate",
               "/v1/chat/completions": "chat_completions", "/v1/completions": "completions",
-              "/invocations": "sagemaker_compatibility"}
+              "/invocations": "sagemaker_compatibility", "/vertex": "vertex_compatibility"}
 
 
 @dataclass

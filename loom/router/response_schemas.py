@@ -193,6 +193,12 @@ class Completion(_Strict):
     usage: Usage | None = None
 
 
+class VertexResponse(_Strict):
+    """`POST /vertex`: one generated text per instance, in order."""
+
+    predictions: list[str]
+
+
 def json_doc(model: type[BaseModel], description: str) -> dict:
     return {"model": model, "description": description}
 

@@ -244,11 +244,39 @@ def encode(body: Any, ascii_only: bool) -> bytes:
     return text.encode("utf-8", errors="surrogatepass")
 
 
+def _union(schema: dict) -> list[dict] | None:
+    """The branches of a union of objects."""
+    branches = schema.get("anyOf") or schema.get("oneOf")
+    return branches if branches and all(b.get("type") == "object" for b in branches) else None
+
+
+def _has_union(schema: dict) -> bool:
+    if _union(schema):
+        return True
+    if schema.get("type") == "array":
+        return isinstance(schema.get("items"), dict) and _has_union(schema["items"])
+    return schema.get("type") == "object" and any(_has_union(p) for p in schema.get("properties", {}).values())
+
+
+def _schema_strategy(schema: dict) -> st.SearchStrategy[Any]:
+    """`from_schema`, with unions of objects (and the objects and arrays holding them) taken apart first:
+    hypothesis-jsonschema is slow on such unions (SageMaker's and Vertex's request bodies)."""
+    if not _has_union(schema):
+        return from_schema(schema)
+    if branches := _union(schema):
+        return either(*(_schema_strategy(b) for b in branches))
+    if schema.get("type") == "array":
+        return st.lists(_schema_strategy(schema["items"]), max_size=schema.get("maxItems", 3))
+    required = set(schema.get("required", []))
+    props = {name: _schema_strategy(p) for name, p in schema.get("properties", {}).items()}
+    return st.fixed_dictionaries({k: v for k, v in props.items() if k in required},
+                                 optional={k: v for k, v in props.items() if k not in required})
+
+
 def cases(path: str, schema: dict, limits: FuzzLimits = FuzzLimits()) -> st.SearchStrategy[FuzzCase]:
     """Requests to `path`, built from its request `schema` (the strategies are built once: hypothesis-jsonschema's
-    canonicalisation is the expensive part, especially of a union, whose branches are therefore taken apart)."""
-    shapes = schema.get("anyOf") or schema.get("oneOf") or [schema]
-    bodies = either(*(from_schema(tighten(shape)) for shape in shapes))
+    canonicalisation is the expensive part)."""
+    bodies = _schema_strategy(tighten(schema))
     raw = malformed_bodies(limits)
 
     @st.composite
@@ -299,6 +327,9 @@ _COMPLETION_FINDINGS: list[bytes] = [
 
 def findings(schema: dict) -> list[bytes]:
     """The past findings that fit a route's request schema (all three families for SageMaker's union)."""
+    if "instances" in schema.get("properties", {}):  # Vertex: each finding as an instance
+        instance = schema["properties"]["instances"].get("items", {})
+        return [b'{"instances": [' + body + b"]}" for body in findings(instance)]
     shapes = schema.get("anyOf") or schema.get("oneOf") or [schema]
     out: list[bytes] = []
     for shape in shapes:

@@ -17,7 +17,7 @@ from loom.router.config import RouterConfig
 from loom.testing.fuzz import FuzzCase, FuzzLimits, cases, findings, post_routes, violations
 
 FUZZED_ROUTES = ["/", "/chat_tokenize", "/generate", "/generate_stream", "/invocations", "/tokenize",
-                 "/v1/chat/completions", "/v1/completions"]
+                 "/v1/chat/completions", "/v1/completions", "/vertex"]
 EXAMPLES_PER_ROUTE = int(os.environ.get("LOOM_FUZZ_EXAMPLES", "80"))
 
 
@@ -49,7 +49,7 @@ def test_every_post_route_of_the_document_is_fuzzed(openapi):
 def check(client: TestClient, engine_server, case: FuzzCase) -> None:
     headers = {"content-type": case.content_type} if case.content_type is not None else {}
     r = client.post(case.path, content=case.body, headers=headers)
-    problems = violations(r.status_code, r.headers.get("content-type", ""), r.content, case.body)
+    problems = violations(r.status_code, r.headers.get("content-type", ""), r.content, case.body, case.path)
     assert not problems, f"{case.describe()}\n -> {problems}"
     assert engine_server.healthy, f"an engine step failed after {case.describe()}"  # before /health's probe resets it
     health = client.get("/health")

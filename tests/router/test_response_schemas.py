@@ -24,6 +24,7 @@ from loom.router.response_schemas import (
     ModelList,
     OpenAIStreamError,
     TokenizeResponse,
+    VertexResponse,
 )
 from loom.router.schemas import GenerateResponse, StreamResponse
 
@@ -71,7 +72,7 @@ def _model_for(request: dict, status: int, sse: bool) -> type[BaseModel] | TypeA
         ("/v1/chat/completions", False): ChatCompletion, ("/v1/chat/completions", True): ChatCompletionChunk,
         ("/v1/completions", False): Completion, ("/v1/completions", True): Completion,
         ("/tokenize", False): TokenizeResponse, ("/chat_tokenize", False): ChatTokenizeResponse,
-        ("/info", False): Info, ("/v1/models", False): ModelList,
+        ("/info", False): Info, ("/v1/models", False): ModelList, ("/vertex", False): VertexResponse,
     }.get((path, stream))
 
 

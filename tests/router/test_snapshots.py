@@ -126,6 +126,9 @@ CASES: dict[str, Case] = {
     "invocations_generate": post("/invocations", gen()),
     "invocations_chat": post("/invocations", chat()),
     "invocations_completions": post("/invocations", {"prompt": "Hello world", "max_tokens": 5, "temperature": 0}),
+    # /vertex (Google Vertex AI)
+    "vertex": post("/vertex", {"instances": [{"inputs": "Hello world", "parameters": {"max_new_tokens": 5, "seed": 42}},
+                                             chat()]}),
     # errors
     "error_generate_temperature_zero": post("/generate", gen(temperature=0)),
     "error_generate_temperature_negative": post("/generate", gen(temperature=-1)),
@@ -148,6 +151,9 @@ CASES: dict[str, Case] = {
     "error_completions_batch_size": post("/v1/completions", {"prompt": ["a", "b", "c", "d", "e"]}),
     "error_completions_empty_prompt_list": post("/v1/completions", {"prompt": []}),
     "error_invocations_unknown_shape": post("/invocations", {"nothing": 1}),
+    "error_vertex_no_instances": post("/vertex", {"instances": []}),
+    "error_vertex_instance_failed": post("/vertex", {"instances": [{"inputs": "", "parameters": {
+        "max_new_tokens": 5}}]}),
     "error_not_found": get("/no/such/route"),
     "error_method_not_allowed": get("/generate"),
     "error_overloaded_generate": post("/generate", gen(), router={"max_concurrent_requests": 0}),
