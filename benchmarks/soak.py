@@ -288,8 +288,10 @@ class Verdict:
     kv_used_when_idle: float = float("nan")
     integrity_checks_passed: float = 0
     integrity_checks_failed: float = 0
-    p99_max_over_median: float | None = None  # non-streamed generations, per-interval p99 after warm-up
-    stream_p99_max_over_median: float | None = None
+    # per-interval p99 after warm-up, worst over median, over the quiet intervals (other programs < 10% CPU)
+    p99_max_over_median: float | None = None  # non-streamed generations
+    stream_p99_max_over_median: float | None = None  # complete streams
+    quiet_intervals: int = 0
     requests: int = 0
     unexpected: int = 0
     server_errors: int = 0  # 5xx
@@ -307,6 +309,21 @@ class Verdict:
 def ratio_max_over_median(values: list[float | None]) -> float | None:
     vals = [v for v in values if v is not None]
     return max(vals) / statistics.median(vals) if len(vals) >= 2 else None
+
+
+QUIET = 0.10  # an interval is quiet when other programs took less than this share of the CPU
+
+
+def steady_state(verdict: Verdict, samples: list[Sample], warmup: int) -> None:
+    """RSS growth from the end of warm-up to the last sample, per process; p99 stability over quiet intervals."""
+    if len(samples) > warmup:
+        base = samples[warmup - 1].rss_mb if warmup else samples[0].rss_mb
+        last = samples[-1].rss_mb
+        verdict.rss_growth_after_warmup = {r: last[r] / base[r] - 1 for r in base if r in last}
+    quiet = [s for s in samples[warmup:] if s.other_cpu < QUIET]
+    verdict.quiet_intervals = len(quiet)
+    verdict.p99_max_over_median = ratio_max_over_median([s.latency_p99 for s in quiet])
+    verdict.stream_p99_max_over_median = ratio_max_over_median([s.stream_p99 for s in quiet])
 
 
 def plot(samples: list[Sample], path: Path, title: str, interval_minutes: float) -> None:
@@ -391,12 +408,28 @@ def _f(v: float | None) -> str:
     return "-" if v is None else f"{v:.2f}"
 
 
+def analyze(path: Path, warmup: int) -> None:
+    result = json.loads(path.read_text())
+    samples = [Sample(**s) for s in result["samples"]]
+    fields = {k: v for k, v in result["verdict"].items() if k != "passed"}
+    verdict = Verdict(**fields)
+    steady_state(verdict, samples, warmup)
+    result["verdict"] = {**asdict(verdict), "passed": verdict.passed}
+    result["warmup_samples"] = warmup
+    path.write_text(json.dumps(result, indent=1))
+    interval = samples[1].minute - samples[0].minute if len(samples) > 1 else 1.0
+    plot(samples, path.with_suffix(".png"), result["title"], interval)
+    print(json.dumps(result["verdict"], indent=1))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-id", default=None, help="model for `loom launch` (default: Loom's default model)")
     ap.add_argument("--minutes", type=float, default=30)
     ap.add_argument("--interval", type=float, default=60, help="seconds between samples")
-    ap.add_argument("--warmup-samples", type=int, default=3, help="samples before the RSS baseline")
+    ap.add_argument("--warmup-samples", type=int, default=5,
+                    help="samples before the RSS baseline (the KV cache's pages become resident as its blocks are "
+                         "first used: warm-up lasts until every block has been)")
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "soak")
@@ -405,7 +438,13 @@ def main() -> None:
                          "resident as blocks are first used), so a bounded cache is fully touched during warm-up "
                          "and RSS growth after it means a leak")
     ap.add_argument("--launch-arg", action="append", default=[], help="extra `loom launch` argument (repeatable)")
+    ap.add_argument("--analyze", type=Path, default=None,
+                    help="a soak.json of an earlier run: recompute its steady-state verdict (with --warmup-samples) "
+                         "and its plot, without running anything")
     args = ap.parse_args()
+    if args.analyze is not None:
+        analyze(args.analyze, args.warmup_samples)
+        return
     args.out.mkdir(parents=True, exist_ok=True)
 
     port = free_port()
@@ -441,13 +480,7 @@ def main() -> None:
         verdict.integrity_checks_passed = checks
         verdict.integrity_checks_failed = m.get('loom_kv_cache_integrity_checks{result="failed"}', 0)
         verdict.health_after = httpx.get(base_url + "/health", timeout=60).status_code
-        if len(samples) > args.warmup_samples:
-            base = samples[args.warmup_samples - 1].rss_mb if args.warmup_samples else samples[0].rss_mb
-            last = samples[-1].rss_mb
-            verdict.rss_growth_after_warmup = {r: last[r] / base[r] - 1 for r in base if r in last}
-        steady = samples[args.warmup_samples:]
-        verdict.p99_max_over_median = ratio_max_over_median([s.latency_p99 for s in steady])
-        verdict.stream_p99_max_over_median = ratio_max_over_median([s.stream_p99 for s in steady])
+        steady_state(verdict, samples, args.warmup_samples)
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -460,7 +493,8 @@ def main() -> None:
     verdict.clean_exit = proc.returncode == 0
     title = (f"Loom soak: {args.model_id or 'default model'}, {args.concurrency} clients, {args.minutes:g} min, "
              f"{lscpu_model()} ({os.cpu_count()} CPUs)")
-    result = {"title": title, "command": " ".join(sys.argv), "samples": [asdict(s) for s in samples],
+    result = {"title": title, "command": " ".join(sys.argv), "warmup_samples": args.warmup_samples,
+              "samples": [asdict(s) for s in samples],
               "verdict": {**asdict(verdict), "passed": verdict.passed},
               "requests_by_kind": {k: sum(1 for o in outcomes if o.kind == k) for k in KINDS}}
     (args.out / "soak.json").write_text(json.dumps(result, indent=1))
