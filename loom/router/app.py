@@ -10,13 +10,14 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import PlainTextResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from loom import __version__, tracing
 from loom.router import chat_routes, openai_routes, tgi_routes, vertex_routes
 from loom.router.config import RouterConfig
 from loom.router.engine_client import EngineClient
 from loom.router.errors import InferError, UnavailableError, infer_error_handler
-from loom.router.state import BodyError, build_state
+from loom.router.state import PAYLOAD_TOO_LARGE, BodyError, build_state
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +26,37 @@ PROTECTED_PATHS = frozenset(
     {"/", "/generate", "/generate_stream", "/v1/chat/completions", "/v1/completions", "/vertex", "/invocations",
      "/tokenize"}
 )
+
+
+class BodyLimit:
+    """TGI's `--payload-limit` (axum's DefaultBodyLimit): a body longer than the limit is a 413 when a route reads
+    it, whether its Content-Length says so up front or a chunked upload crosses the limit on the way; nothing past
+    the limit is read, let alone buffered. (Pure ASGI: it wraps the `receive` every reader of the body goes through;
+    the BodyError it raises there becomes the plain-text 413 through the app's handler.)"""
+
+    def __init__(self, app: ASGIApp, limit: int):
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = next((v for k, v in scope["headers"] if k == b"content-length"), None)
+        received = 0
+
+        async def limited() -> Message:
+            nonlocal received
+            if declared is not None and declared.isdigit() and int(declared) > self.limit:
+                raise BodyError(413, PAYLOAD_TOO_LARGE)
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise BodyError(413, PAYLOAD_TOO_LARGE)
+            return message
+
+        await self.app(scope, limited, send)
 
 
 def create_app(config: RouterConfig, engine_endpoint: str, connect_timeout: float | None = None) -> FastAPI:
@@ -51,6 +83,9 @@ def create_app(config: RouterConfig, engine_endpoint: str, connect_timeout: floa
     async def _body_error(_: Request, exc: BodyError) -> Response:
         return PlainTextResponse(exc.message, status_code=exc.status)
 
+    # Added first, so innermost: the body is read inside the route, where its BodyError becomes the 413.
+    app.add_middleware(BodyLimit, limit=config.payload_limit)
+
     @app.middleware("http")
     async def _guard(request: Request, call_next):
         if config.api_key and request.url.path in PROTECTED_PATHS and request.method == "POST":
@@ -65,9 +100,6 @@ def create_app(config: RouterConfig, engine_endpoint: str, connect_timeout: floa
         if tracing.enabled() and request.url.path in PROTECTED_PATHS:
             carrier = {k: v for k in ("traceparent", "tracestate") if (v := request.headers.get(k))}
             tracing.request_carrier.set({**carrier, "_path": request.url.path})
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > config.payload_limit:
-            return PlainTextResponse("Failed to buffer the request body: length limit exceeded", status_code=413)
         return await call_next(request)
 
     origins = list(config.cors_allow_origin) or ["*"]

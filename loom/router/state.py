@@ -46,6 +46,9 @@ class Permits:
         self.in_use -= count
 
 
+PAYLOAD_TOO_LARGE = "Failed to buffer the request body: length limit exceeded"
+
+
 class BodyError(Exception):
     """A request body TGI's JSON extractor would reject: plain-text body, status 400/413/415/422."""
 
@@ -91,9 +94,7 @@ async def parse_body(request: Request, model: type[M]) -> M:
     content_type = request.headers.get("content-type", "")
     if not content_type.split(";")[0].strip().lower().endswith("json"):
         raise BodyError(415, "Expected request with `Content-Type: application/json`")
-    raw = await request.body()
-    if len(raw) > request.app.state.loom.config.payload_limit:  # bodies sent without a Content-Length
-        raise BodyError(413, "Failed to buffer the request body: length limit exceeded")
+    raw = await request.body()  # at most --payload-limit bytes (app.BodyLimit), else a 413
     try:
         data = strict_json.loads(raw)
     except ValueError as err:
