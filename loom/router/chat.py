@@ -17,7 +17,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 from transformers import PreTrainedTokenizerBase
 
-from loom.router.errors import TemplateError
+from loom.router.errors import TemplateError, scrub
 from loom.router.streams import compact
 
 
@@ -187,5 +187,5 @@ class ChatTemplate:
                 flat, tools=tools, chat_template=self.source, add_generation_prompt=True, tokenize=False,
             )
         except Exception as err:
-            raise TemplateError(str(err)) from err
+            raise TemplateError(scrub(str(err))) from err
         return continue_final_message(rendered, flat)

@@ -5,8 +5,26 @@ Body: {"error": "<message>", "error_type": "<type>"} (router/src/infer/mod.rs::I
 
 from __future__ import annotations
 
+import re
+
 from fastapi import Request
 from fastapi.responses import JSONResponse
+
+# An absolute POSIX path of two or more components; not the path part of a URL (`://x/y`, `host/a/b`), a JSON
+# pointer (`#/a/b`) or a relative path.
+_ABS_PATH = re.compile(r"(?<![\w.:/#<>~-])/(?:[\w.+@-]+/)+[\w.+@-]*")
+_TRACE_LINE = re.compile(r'^\s*(?:Traceback \(most recent call last\)|File "|Exception raised from |frame #\d)')
+
+
+def scrub(message: str, first_line: bool = False) -> str:
+    """An exception's text made fit for a client: stack-trace lines dropped (or everything after the first line),
+    absolute file system paths replaced by `<path>`. For messages the server did not write itself (tokenizer,
+    template, grammar compiler, engine)."""
+    lines = message.strip().splitlines()
+    if any(line.startswith("Traceback (most recent call last)") for line in lines):
+        lines = lines[-1:]  # a formatted traceback: its last line is the exception
+    lines = [line for line in lines if not _TRACE_LINE.match(line)]
+    return _ABS_PATH.sub("<path>", "\n".join(lines[:1] if first_line else lines))
 
 
 class InferError(Exception):

@@ -17,7 +17,7 @@ from transformers import PreTrainedTokenizerBase
 
 from loom.protocol.outputs import FailureKind, FinishReason
 from loom.router.engine_client import EngineClient, EngineError
-from loom.router.errors import GenerationError, IncompleteGenerationError, ValidationError
+from loom.router.errors import GenerationError, IncompleteGenerationError, ValidationError, scrub
 from loom.router.validation import ValidatedRequest
 from loom import tracing
 from loom.tokenizer import TextStream, finish_reason
@@ -161,9 +161,10 @@ class Generator:
                     if reason is not None:
                         return
         except EngineError as err:
+            message = scrub(err.message, first_line=True)  # an engine exception's text: no paths, no trace
             if err.error_type is FailureKind.VALIDATION:
-                raise ValidationError(err.message) from err
-            raise GenerationError(err.message) from err
+                raise ValidationError(message) from err
+            raise GenerationError(message) from err
         finally:
             self.engine.release(handle)
         raise IncompleteGenerationError()

@@ -15,7 +15,7 @@ import jsonschema
 
 from loom.grammar.spec import GrammarError, GrammarSpec
 from loom.router import strict_json
-from loom.router.errors import ValidationError
+from loom.router.errors import ValidationError, scrub
 from loom.router.schemas import GrammarType
 
 ANY_OBJECT: dict[str, Any] = {"type": "object"}
@@ -58,7 +58,7 @@ def _schema_of(grammar: GrammarType) -> Any:
         try:
             value = strict_json.loads(value)
         except ValueError as err:
-            raise ValidationError(f"grammar is not valid: {err}") from err
+            raise ValidationError(f"grammar is not valid: {scrub(str(err))}") from err
     return value
 
 
@@ -66,4 +66,4 @@ def _compile(spec: GrammarSpec, prefix: str) -> None:
     try:
         spec.check()
     except GrammarError as err:
-        raise ValidationError(f"{prefix}{err}") from err
+        raise ValidationError(f"{prefix}{scrub(str(err))}") from err

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
-from loom.router.errors import ValidationError
+from loom.router.errors import ValidationError, scrub
 from loom.router.grammar import grammar_spec
 from loom.router.schemas import GenerateParameters
 from loom.sampling_params import (
@@ -93,7 +93,7 @@ async def validate(
         # Tokenizing is CPU work: off the event loop, like TGI's validation workers.
         ids = await asyncio.to_thread(tokenizer.encode, inputs, add_special_tokens=add_special_tokens)
     except Exception as err:
-        raise ValidationError(f"tokenizer error {err}") from err
+        raise ValidationError(f"tokenizer error {scrub(str(err))}") from err
     if p.truncate is not None:
         ids = ids[-p.truncate :]  # TGI keeps the last `truncate` tokens
     input_length = len(ids)

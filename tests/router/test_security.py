@@ -4,15 +4,20 @@ real), and no file system path or stack trace in any error a client sees."""
 
 from __future__ import annotations
 
+import json
+import shutil
 import socket
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import uvicorn
+from fastapi.testclient import TestClient
 
 from loom.router.app import create_app
 from loom.router.config import RouterConfig
+from loom.testing.fuzz_checks import leaks
 
 GEN = {"inputs": "Hi", "parameters": {"max_new_tokens": 1}}
 
@@ -107,3 +112,99 @@ def test_large_and_many_headers_are_refused_or_served_not_failed(live_router, he
     assert status == 200 or 400 <= status < 500, response[:200]
     assert exchange(port, b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").startswith(
         b"HTTP/1.1 200")  # and the server goes on
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# No paths or stack traces in what clients see
+
+
+def _inject_sampler_fault(monkeypatch, error: BaseException) -> None:
+    """typical_p's warper raises `error`: only the request that asks for typical_p fails (its own 424)."""
+    from loom.worker import sampler as sampler_module  # noqa: PLC0415 — the test reaches into the engine on purpose
+    from loom.worker.sampler import _Warper  # noqa: PLC0415
+
+    def fail(*_args) -> None:
+        raise error
+
+    warpers = list(sampler_module._WARPERS)
+    warpers[3] = _Warper(warpers[3].value, fail)
+    monkeypatch.setattr(sampler_module, "_WARPERS", tuple(warpers))
+
+
+FAULTY = {"max_new_tokens": 2, "do_sample": True, "typical_p": 0.5}
+
+
+def test_engine_failures_reach_clients_without_paths(client, monkeypatch):
+    _inject_sampler_fault(monkeypatch, FileNotFoundError(2, "No such file or directory", "/work/secret/weights.bin"))
+    r = client.post("/generate", json={"inputs": "Hi", "parameters": FAULTY})
+    assert r.status_code == 424
+    assert r.json() == {"error": "Request failed during generation: Server error: [Errno 2] No such file or "
+                                 "directory: '<path>'", "error_type": "generation"}
+    r = client.post("/generate_stream", json={"inputs": "Hi", "parameters": FAULTY})
+    assert "<path>" in r.text and not leaks(r.text)
+
+
+def test_a_failed_step_reaches_clients_without_its_trace(client, engine_server, monkeypatch):
+    """A whole step that raises fails every request in it with the exception's text: its first line only, and no
+    path (torch's errors carry C++ frames with library paths)."""
+    step = engine_server.engine.step
+    calls = []
+
+    def failing_step():
+        if not calls:
+            calls.append(1)
+            raise RuntimeError("index out of range in /work/loom/x.py\nException raised from check at "
+                               "/pytorch/aten/src/ATen/native/Indexing.cpp:12 (most recent call first):\n"
+                               "frame #0: c10::Error (0x7f in /usr/lib/site-packages/torch/lib/libc10.so)")
+        return step()
+
+    monkeypatch.setattr(engine_server.engine, "step", failing_step)
+    r = client.post("/generate", json=GEN)
+    assert r.status_code == 424
+    assert r.json()["error"] == "Request failed during generation: Server error: index out of range in <path>"
+    assert client.get("/health").status_code == 200  # the liveness probe after a failure passes
+
+
+def test_error_responses_leak_nothing(make_client, tmp_path, llama_dir):
+    """A handful of error-producing requests, each answered without a path or a trace."""
+    c = make_client()
+    tool = {"type": "function", "function": {"name": "f", "parameters": {}}}
+    requests = [
+        ("/generate", {"inputs": "Hi", "parameters": {"grammar": {"type": "regex", "value": "(?<=a)b"}}}),
+        ("/generate", {"inputs": "Hi", "parameters": {"grammar": {"type": "json", "value": {
+            "properties": {"a": {"$ref": "file:///etc/passwd"}}}}}}),
+        ("/generate", {"inputs": "Hi", "parameters": {"grammar": {"type": "json", "value": {
+            "properties": {"a": {"type": "nonsense"}}}}}}),
+        ("/generate", {"inputs": "", "parameters": {}}),
+        ("/generate", {"inputs": "Hi", "parameters": {"temperature": "hot"}}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "tools": [tool],
+                                  "tool_choice": "nope"}),
+        ("/v1/chat/completions", {"messages": [], "max_tokens": 1}),
+        ("/vertex", {"instances": [{"inputs": ""}]}),
+        ("/invocations", {"neither": 1}),
+    ]
+    for path, body in requests:
+        r = c.post(path, json=body)
+        assert 400 <= r.status_code < 600 and not leaks(r.text), (path, r.status_code, r.text)
+    assert not leaks(c.post("/generate", content=b"{", headers={"content-type": "application/json"}).text)
+
+
+def test_template_errors_leak_nothing(engine_server, llama_dir, tmp_path):
+    """Templates that fail in every way jinja can (syntax, undefined, sandbox, loaders, Python errors)."""
+    model = tmp_path / "model"
+    shutil.copytree(llama_dir, model)
+    (model / "chat_template.jinja").unlink()
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    templates = ["{% for m in messages %}{{ m.content }", "{{ foo() }}", "{{ raise_exception('/work/x.py') }}",
+                 "{{ messages.__class__.__init__.__globals__ }}", "{% include '/etc/passwd' %}",
+                 "{% import '" + str(Path(__file__)) + "' as x %}", "{{ 1 // 0 }}", "{{ strftime_now(1) }}"]
+    for i, template in enumerate(templates):
+        path = tmp_path / f"tokenizer_config_{i}.json"
+        path.write_text(json.dumps({"chat_template": template}))
+        router = RouterConfig(model_id="m", model_dir=str(model), tokenizer_config_path=str(path))
+        with TestClient(create_app(router, engine_server.endpoint, connect_timeout=30)) as c:
+            r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}]})
+            assert r.status_code == 422 and r.json()["error_type"] == "template_error", r.text
+            assert not leaks(r.text, sent=template.encode()), r.text
