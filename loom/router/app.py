@@ -28,6 +28,12 @@ PROTECTED_PATHS = frozenset(
 )
 
 
+def _protected(path: str, method: str) -> bool:
+    """TGI layers the API key over its base routes whole: every method of those paths (a GET /generate without
+    the key is a 401, not a 405 that confirms the route), except the health check that shares "/"."""
+    return path in PROTECTED_PATHS and not (path == "/" and method in ("GET", "HEAD"))
+
+
 class BodyLimit:
     """TGI's `--payload-limit` (axum's DefaultBodyLimit): a body longer than the limit is a 413 when a route reads
     it, whether its Content-Length says so up front or a chunked upload crosses the limit on the way; nothing past
@@ -88,7 +94,7 @@ def create_app(config: RouterConfig, engine_endpoint: str, connect_timeout: floa
 
     @app.middleware("http")
     async def _guard(request: Request, call_next):
-        if config.api_key and request.url.path in PROTECTED_PATHS and request.method == "POST":
+        if config.api_key and _protected(request.url.path, request.method):
             # TGI compares the whole header case-insensitively; in constant time here, so that response timing
             # tells nothing about how much of a guessed key was right
             given = request.headers.get("authorization", "").lower().encode()

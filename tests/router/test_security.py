@@ -15,7 +15,7 @@ import pytest
 import uvicorn
 from fastapi.testclient import TestClient
 
-from loom.router.app import create_app
+from loom.router.app import PROTECTED_PATHS, create_app
 from loom.router.config import RouterConfig
 from loom.testing.fuzz_checks import leaks
 
@@ -208,3 +208,94 @@ def test_template_errors_leak_nothing(engine_server, llama_dir, tmp_path):
             r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}]})
             assert r.status_code == 422 and r.json()["error_type"] == "template_error", r.text
             assert not leaks(r.text, sent=template.encode()), r.text
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# API key
+
+
+KEY = "s3cret-Key"
+HELLO = [{"role": "user", "content": "Hi"}]
+PROTECTED = {  # TGI's base routes (router/src/server.rs), with a body each accepts
+    "/": GEN, "/generate": GEN, "/generate_stream": GEN, "/tokenize": {"inputs": "Hi"},
+    "/v1/chat/completions": {"messages": HELLO, "max_tokens": 1}, "/v1/completions": {"prompt": "Hi", "max_tokens": 1},
+    "/vertex": {"instances": [GEN]}, "/invocations": GEN,
+}
+OPEN = [("GET", "/health", None), ("GET", "/ping", None), ("GET", "/", None), ("GET", "/info", None),
+        ("GET", "/metrics", None), ("GET", "/v1/models", None), ("GET", "/docs", None),
+        ("GET", "/api-doc/openapi.json", None), ("POST", "/chat_tokenize", {"messages": HELLO})]
+
+
+def test_api_key_guards_exactly_tgis_protected_routes(make_client):
+    assert set(PROTECTED) == PROTECTED_PATHS
+    c = make_client(api_key=KEY)
+    for path, body in PROTECTED.items():
+        for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": KEY}):
+            r = c.post(path, json=body, headers=headers)
+            assert r.status_code == 401 and r.content == b"", (path, headers, r.status_code)
+        r = c.post(path, json=body, headers={"authorization": f"Bearer {KEY}"})
+        assert r.status_code == 200 and "error" not in r.text, (path, r.text)
+    for method, path, body in OPEN:
+        assert c.request(method, path, json=body).status_code == 200, path
+    # every method of a protected path, as TGI layers the whole route: no 405 that confirms the route to a stranger
+    assert c.get("/generate").status_code == 401
+    assert c.get("/generate", headers={"authorization": f"Bearer {KEY}"}).status_code == 405
+
+
+@pytest.mark.parametrize("header, accepted", [
+    (f"Bearer {KEY}", True), (f"bearer {KEY.lower()}", True), (f"BEARER {KEY.upper()}", True),
+    (f"bEaReR {KEY.swapcase()}", True),  # TGI lowercases the whole header and "Bearer <key>"
+    (KEY, False), ("Bearer", False), ("Bearer ", False), (f"Bearer  {KEY}", False), (f"Bearer\t{KEY}", False),
+    (f"Basic {KEY}", False), (f"Token {KEY}", False), (f"Bearer {KEY[:-1]}", False), (f"Bearer {KEY}x", False),
+    (f"Bearer {KEY}, Bearer other", False), (f"xBearer {KEY}", False), ("", False),
+])
+def test_bearer_header_variations(make_client, header, accepted):
+    c = make_client(api_key=KEY)
+    r = c.post("/generate", json=GEN, headers={"authorization": header})
+    assert r.status_code == (200 if accepted else 401), r.text
+
+
+def test_only_the_first_authorization_header_counts(make_client):
+    c = make_client(api_key=KEY)
+    r = c.post("/generate", json=GEN, headers=[("authorization", "Bearer wrong"), ("authorization", f"Bearer {KEY}")])
+    assert r.status_code == 401
+    r = c.post("/generate", json=GEN, headers=[("authorization", f"Bearer {KEY}"), ("authorization", "Bearer wrong")])
+    assert r.status_code == 200
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CORS (TGI: --cors-allow-origin, else any origin; methods GET and POST; the content-type header)
+
+
+def preflight(c, origin: str, method: str = "POST", headers: str = "content-type"):
+    return c.options("/generate", headers={"origin": origin, "access-control-request-method": method,
+                                           "access-control-request-headers": headers})
+
+
+def test_cors_default_allows_any_origin(make_client):
+    c = make_client(api_key=KEY)
+    r = preflight(c, "https://anywhere.example")  # a preflight needs no key: the browser sends none
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "*"
+    assert {m.strip() for m in r.headers["access-control-allow-methods"].split(",")} == {"GET", "POST"}
+    assert "content-type" in r.headers["access-control-allow-headers"].lower()
+    r = c.post("/generate", json=GEN, headers={"origin": "https://anywhere.example",
+                                               "authorization": f"Bearer {KEY}"})
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "*"
+    for method in ("PUT", "DELETE", "PATCH"):
+        r = preflight(c, "https://anywhere.example", method=method)
+        assert method not in r.headers.get("access-control-allow-methods", ""), method
+    r = preflight(c, "https://anywhere.example", headers="authorization")
+    assert "authorization" not in r.headers.get("access-control-allow-headers", "").lower()
+
+
+def test_cors_allow_origin_list(make_client):
+    c = make_client(cors_allow_origin=("https://a.example", "https://b.example"))
+    for origin in ("https://a.example", "https://b.example"):
+        r = preflight(c, origin)
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == origin
+        r = c.post("/generate", json=GEN, headers={"origin": origin})
+        assert r.headers["access-control-allow-origin"] == origin and "origin" in r.headers["vary"].lower()
+    for origin in ("https://evil.example", "https://a.example.evil", "null", "http://a.example"):
+        assert "access-control-allow-origin" not in preflight(c, origin).headers, origin
+        r = c.post("/generate", json=GEN, headers={"origin": origin})
+        assert r.status_code == 200 and "access-control-allow-origin" not in r.headers, origin
