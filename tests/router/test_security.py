@@ -299,3 +299,40 @@ def test_cors_allow_origin_list(make_client):
         assert "access-control-allow-origin" not in preflight(c, origin).headers, origin
         r = c.post("/generate", json=GEN, headers={"origin": origin})
         assert r.status_code == 200 and "access-control-allow-origin" not in r.headers, origin
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Nothing fetched on a client's behalf (TGI bounds its image fetches with --max-image-fetch-size; Loom fetches none)
+
+
+def test_urls_in_requests_are_never_fetched(client):
+    import http.server  # noqa: PLC0415
+
+    hits: list[str] = []
+
+    class Recorder(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 — the http.server API
+            hits.append(self.path)
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b'{"type": "string"}')
+
+        def log_message(self, *_args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        image = {"type": "image_url", "image_url": {"url": f"{url}/cat.png"}}
+        r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": [image]}],
+                                                      "max_tokens": 1})
+        assert r.status_code == 200  # the URL is text in the prompt (`![](url)`), as TGI flattens it
+        r = client.post("/generate", json={"inputs": f"![]({url}/dog.png) Hi", "parameters": {"max_new_tokens": 1}})
+        assert r.status_code == 200
+        grammar = {"type": "json", "value": {"properties": {"a": {"$ref": f"{url}/schema.json"}}}}
+        r = client.post("/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": 1, "grammar": grammar}})
+        assert r.status_code == 422 and "does not fetch" in r.json()["error"]
+    finally:
+        server.shutdown()
+    assert hits == []
