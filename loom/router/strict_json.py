@@ -1,10 +1,10 @@
 """JSON as TGI's router reads it (serde_json), where Python's `json` is more lenient.
 
 serde_json refuses what `json.loads` accepts: `NaN` / `Infinity` literals and numbers out of the float range
-(`1e999`), invalid UTF-8, `\\ud800`-style escapes that leave a lone surrogate, and nesting past its recursion limit (127 levels).
-Accepting them lets values through that nothing downstream expects (NaN temperatures, strings that cannot be
-encoded to UTF-8 for the engine, schemas that exhaust Python's recursion limit) and turns a client's malformed body
-into a 500; here each is a `ValueError`, which callers report as malformed JSON (400).
+(`1e999`), invalid UTF-8, `\\ud800`-style escapes that leave a lone surrogate, and nesting past its recursion
+limit (127 levels). Accepting them lets values through that nothing downstream expects (NaN temperatures, strings
+that cannot be encoded to UTF-8 for the engine, schemas that exhaust Python's recursion limit) and turns a client's
+malformed body into a 500; here each is a `ValueError`, which callers report as malformed JSON (400).
 """
 
 from __future__ import annotations
