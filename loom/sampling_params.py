@@ -11,6 +11,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field, replace
 
+import numpy as np
+
 from loom.grammar.spec import GrammarSpec
 
 # TGI caps an unspecified `max_new_tokens` at this many tokens (router/src/validation.rs).
@@ -98,7 +100,8 @@ def check_sampling(
     (`--max-stop-sequences`, `--max-top-n-tokens`); without them only the range of the value is checked.
     `best_of` (router only) is here for the seed check, which TGI makes between the stop and top_n checks.
     """
-    if temperature is not None and temperature <= 0:
+    # TGI reads temperature as an f32: a positive value below f32's range (1e-300) is 0 there, and refused
+    if temperature is not None and (temperature <= 0 or float(np.float32(temperature)) == 0.0):
         raise ValueError("`temperature` must be strictly positive")
     if repetition_penalty is not None and repetition_penalty <= 0:
         raise ValueError("`repetition_penalty` must be strictly positive")

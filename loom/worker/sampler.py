@@ -45,7 +45,19 @@ class SamplerOutput:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+# Below this, logits / temperature can overflow float32 (a logit of 100 at 3e-37): +inf logits, NaN probabilities,
+# a choice outside the grammar mask, every token tied in top-n. Such rows take the limit instead.
+_TINY_TEMPERATURE = 1e-30
+
+
 def _temperature(scores: torch.Tensor, temperature: torch.Tensor) -> None:
+    tiny = temperature < _TINY_TEMPERATURE  # [M, 1]
+    if bool(tiny.any()):
+        # the limit of softmax(x / t) as t → 0: the best token(s) of the row keep all the mass
+        best = scores.amax(dim=-1, keepdim=True)
+        limit = torch.where(scores == best, 0.0, _NEG_INF)
+        scores.copy_(torch.where(tiny, limit, scores / temperature))
+        return
     scores.div_(temperature)
 
 

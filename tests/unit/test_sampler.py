@@ -166,6 +166,24 @@ def test_temperature_scales_scores_and_lower_t_concentrates_mass() -> None:
     assert by_t[0.5][best] > torch.log_softmax(logits, -1)[best] > by_t[1.5][best]
 
 
+@pytest.mark.parametrize("t", [1e-39, 1e-44])
+def test_a_temperature_too_small_for_float32_takes_the_limit(t: float) -> None:
+    """logits / 1e-39 overflows float32 (issue 18's fuzzing: +inf logits chose token 0 outside the grammar mask,
+    NaN logprobs, every token tied in top-n). The limit t → 0 instead: the best allowed token, logprob 0."""
+    logits = random_logits(2) * 30  # logits of ±100: 100 / 1e-39 > float32's max
+    allowed = torch.zeros(2, V, dtype=torch.bool)
+    allowed[:, 50:60] = True
+    rows = [make_row(SamplingParams(temperature=t, top_n_tokens=1), seed=i) for i in range(2)]
+    out = Sampler()(logits.clone(), rows, ([0, 1], allowed))
+    for i in range(2):
+        best_allowed = 50 + int(logits[i, 50:60].argmax())
+        assert out.token_ids[i] == best_allowed
+        assert out.logprobs[i] == 0.0
+        assert out.top_tokens[i] == [(best_allowed, 0.0)]
+    with pytest.raises(ValueError, match="`temperature` must be strictly positive"):
+        SamplingParams(temperature=1e-300).validate()  # 0 as TGI's f32: refused as TGI refuses it
+
+
 def test_top_k_only_ever_yields_the_k_best() -> None:
     logits = random_logits(1, scale=0.3)[0]
     best3 = set(logits.topk(3).indices.tolist())
