@@ -118,14 +118,18 @@ def test_integers_wider_than_tgi_types_are_rejected(client, params):
     assert r.text.startswith("Failed to deserialize the JSON body into the target type: parameters.")
 
 def test_non_finite_logprobs_are_null(client):
-    """Found by fuzzing: a tiny temperature gives -inf logprobs, which made the JSON encoder fail (500, or an
-    "Incomplete generation stream" event). TGI's serde_json writes non-finite floats as null."""
+    """Found by fuzzing: a tiny temperature gave -inf logprobs, which made the JSON encoder fail (500, or an
+    "Incomplete generation stream" event). TGI's serde_json writes non-finite floats as null. (The sampler now takes
+    the t → 0 limit for such temperatures, logprob 0; the writer still never emits a non-finite number.)"""
+    from loom.router.generation import _json_float
+
+    assert [_json_float(x) for x in (float("-inf"), float("inf"), float("nan"), -1.5)] == [None, None, None, -1.5]
     params = {"max_new_tokens": 2, "temperature": 1e-38, "details": True, "top_n_tokens": 3}
     r = client.post("/generate", json={"inputs": "Hello", "parameters": params})
     assert r.status_code == 200, r.text
     d = r.json()["details"]
     logprobs = [t["logprob"] for t in d["tokens"]] + [t["logprob"] for step in d["top_tokens"] for t in step]
-    assert None in logprobs and all(lp is None or math.isfinite(lp) for lp in logprobs)
+    assert all(lp is None or math.isfinite(lp) for lp in logprobs)
     r = client.post("/generate_stream", json={"inputs": "Hello", "parameters": params})
     events = [json.loads(e[5:]) for e in sse_events(r.text)]
     assert len(events) == 2 and all("error" not in e for e in events)
