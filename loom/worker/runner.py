@@ -432,8 +432,7 @@ class ModelRunner:
         left out. Should the batch raise, each request's rows run again alone, from the logits and generator
         states from before, so that only a request whose own rows raise fails and the others' tokens are those
         the batch would have given."""
-        wanted = [r for _, first, n in groups for r in range(first, first + n)]
-        if len(wanted) < len(rows):  # leave out the failed requests' rows
+        if sum(n for _, _, n in groups) < len(rows):  # leave out the failed requests' rows
             return self._sample_alone(logits, rows, allowed, groups)
         if len(groups) == 1:
             try:
