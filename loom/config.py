@@ -43,8 +43,14 @@ _ALIASES = {
 
 def normalise_hf_config(hf: dict[str, Any]) -> dict[str, Any]:
     """A copy of config.json with the Llama names filled in from aliases (GPT-2's n_layer, ...) and the KV head
-    count made explicit (Falcon's multi_query / num_kv_heads)."""
+    count made explicit (Falcon's multi_query / num_kv_heads). A vision-language config's `text_config` is
+    lifted to the top level (the engine sizes its KV cache from the language model), the rest kept: the
+    checkpoint's `model_type` and `architectures` stay, the language model's type becomes `text_model_type`."""
     out = dict(hf)
+    text = hf.get("text_config")
+    if isinstance(text, dict) and "vision_config" in hf:
+        out.update({k: v for k, v in text.items() if k not in ("model_type", "architectures")})
+        out["text_model_type"] = text.get("model_type")
     for name, aliases in _ALIASES.items():
         if name not in out:
             for alias in aliases:

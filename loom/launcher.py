@@ -135,7 +135,8 @@ def build_run_config(args: dict[str, Any], model_id: str, model_dir: Path, run_d
         max_input_tokens=args["max_input_tokens"], max_total_tokens=args["max_total_tokens"],
         max_client_batch_size=args["max_client_batch_size"], validation_workers=args["validation_workers"],
         api_key=args["api_key"], cors_allow_origin=tuple(args["cors_allow_origin"] or ()),
-        payload_limit=args["payload_limit"], enable_prefill_logprobs=bool(args["enable_prefill_logprobs"]),
+        payload_limit=args["payload_limit"], max_image_fetch_size=args["max_image_fetch_size"],
+        enable_prefill_logprobs=bool(args["enable_prefill_logprobs"]),
         tokenizer_config_path=args["tokenizer_config_path"],
         disable_grammar_support=bool(args["disable_grammar_support"]), json_output=bool(args["json_output"]),
     )

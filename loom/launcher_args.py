@@ -80,6 +80,9 @@ SUPPORTED: list[tuple[str, Any, Any, str]] = [
     ("--api-key", str, None, "Require `Authorization: Bearer <key>` on generation routes"),
     ("--cors-allow-origin", str, None, "Allowed CORS origin (repeatable; default any)"),
     ("--payload-limit", int, 2_000_000, "Largest request body in bytes (413 above)"),
+    ("--max-image-fetch-size", int, 1_073_741_824, "Maximum image fetch size in bytes: the largest image a "
+                                                   "vision-language prompt may name (`![](url)`), fetched or in a "
+                                                   "data URL (422 above)"),
     ("--json-output", "flag", False, "Log one JSON object per line"),
     ("--tokenizer-config-path", str, None, "tokenizer_config.json to take the chat template from"),
     ("--max-client-batch-size", int, 4, "Most prompts in one /v1/completions request"),
@@ -211,6 +214,8 @@ def _check(args: dict[str, Any], environ: dict[str, str]) -> dict[str, Any]:
         raise SystemExit(f"error: `local_shards` must be between 1 and `num_shard` ({args['num_shard']})")
     if args["validation_workers"] <= 0:
         raise SystemExit("error: `validation_workers` must be > 0")
+    if args["max_image_fetch_size"] < 0:
+        raise SystemExit("error: `max_image_fetch_size` must be >= 0")
     if args["max_batch_size"] == 0:
         raise SystemExit("error: `max_batch_size` must be > 0")
     if args["kv_cache_dtype"] is not None and args["kv_cache_dtype"] not in ("fp8_e4m3fn", "fp8_e5m2"):

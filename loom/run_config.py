@@ -56,6 +56,7 @@ class RouterSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     api_key: str | None = None  # when set, generation routes require `Authorization: Bearer <key>`
     cors_allow_origin: tuple[str, ...] = ()  # allowed CORS origins; empty → any
     payload_limit: int = 2_000_000  # largest request body in bytes
+    max_image_fetch_size: int = 1_073_741_824  # largest image input in bytes (fetched or a data URL's)
     enable_prefill_logprobs: bool = False  # allow `decoder_input_details` (prompt logprobs)
     tokenizer_config_path: str | None = None  # tokenizer_config.json to take the chat template from
     disable_grammar_support: bool = False  # refuse `grammar` / `response_format` requests

@@ -18,6 +18,7 @@ import torch
 from loom.config import EngineConfig, ModelConfig
 from loom.distributed.parallel_state import get_tp_group
 from loom.engine.kv.kv_manager import KVCacheManager
+from loom.protocol.multimodal import ImageInput
 from loom.protocol.outputs import RequestOutput
 from loom.engine.request import Request
 from loom.engine.scheduler import Scheduler
@@ -193,9 +194,11 @@ class EngineCore:
         return Speculator(speculate, cost, proposer)
 
     def add_request(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, prompt_logprobs: bool = False
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, prompt_logprobs: bool = False,
+        images: list[ImageInput] | None = None,
     ) -> Request:
-        """Validate and queue a request. Raises ValueError (nothing queued) for input the engine cannot serve."""
+        """Validate and queue a request. Raises ValueError (nothing queued) for input the engine cannot serve.
+        `images`: the prompt's images, preprocessed and placed (`loom.multimodal.prompts`)."""
         params.validate()
         params = params.with_seed()
         if params.adapter_id is not None and params.adapter_id not in self.runner.adapters:
@@ -208,6 +211,8 @@ class EngineCore:
         vocab = self.model_config.vocab_size
         if any(not 0 <= t < vocab for t in prompt_token_ids):
             raise ValueError(f"token ids must be in [0, {vocab})")
+        if images:
+            self.runner.check_images(prompt_token_ids, images)
         max_new = resolve_max_new_tokens(params.max_new_tokens, len(prompt_token_ids), self.max_total_tokens)
         check_token_budget(len(prompt_token_ids), max_new, self.max_total_tokens)
         check_max_new_tokens(max_new)  # a prompt that fills the context leaves no room
@@ -215,6 +220,7 @@ class EngineCore:
             request_id, list(prompt_token_ids), params, max_new, self.eos_token_ids,
             prompt_logprobs=[None] if prompt_logprobs else None,
             grammar=self.grammar.matcher(params.grammar) if params.grammar is not None else None,
+            images=list(images or ()),
         )
         self.scheduler.add(request)
         return request

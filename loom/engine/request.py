@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from loom.protocol.multimodal import ImageInput
 from loom.protocol.outputs import FinishReason
 from loom.sampling_params import SamplingParams
 
@@ -36,6 +37,9 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: FinishReason | None = None
     error: str | None = None  # why it failed while running (finished as aborted; the client gets a 424)
+    images: list[ImageInput] = field(default_factory=list)  # the prompt's images, in prompt order
+    # per KV block of the prompt, the content hashes of the images in it (prefix-cache keys); set by the scheduler
+    block_extras: list[bytes] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.token_ids:

@@ -23,6 +23,7 @@ from loom.engine.kv.kv_manager import KVCacheManager
 from loom.engine.request import FinishReason, Request, RequestStatus
 from loom.engine.speculation import DraftCandidate, Speculator
 from loom.grammar.guide import GrammarGuide
+from loom.protocol.multimodal import block_extras
 from loom.protocol.outputs import failure_message
 from loom.protocol.plan import NewSeq, PromptScores, RunningSeq, StepPlan, StepResult
 
@@ -79,6 +80,9 @@ class Scheduler:
     def add(self, request: Request) -> None:
         if request.request_id in self.requests:
             raise ValueError(f"duplicate request id {request.request_id!r}")
+        if request.images:
+            request.block_extras = block_extras(request.images, self.kv.block_size,
+                                                self.kv.blocks_needed(request.num_prompt_tokens))
         self.requests[request.request_id] = request
         self.waiting.append(request)
 
@@ -131,8 +135,8 @@ class Scheduler:
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> int:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_batch_size:
             request = self.waiting[0]
-            hits = [] if request.wants_prompt_logprobs else self.kv.find_cached_prefix(request.token_ids,
-                                                                                     request.params.adapter_id)
+            hits = [] if request.wants_prompt_logprobs else self.kv.find_cached_prefix(
+                request.token_ids, request.params.adapter_id, request.block_extras)
             computed = len(hits) * self.kv.block_size
             n = min(request.num_tokens - computed, budget)
             if not self.kv.allocate(request.request_id, computed + n, hits):
@@ -243,7 +247,7 @@ class Scheduler:
         # an accepted draft's position is computed; after a stop inside the accepted ones, those past it are not
         request.num_computed_tokens = min(known_end, request.num_tokens - 1) if tokens else known_end
         self.kv.index_full_blocks(request.request_id, request.token_ids, request.num_computed_tokens,
-                                  request.params.adapter_id)
+                                  request.params.adapter_id, request.block_extras)
         return reason
 
     @staticmethod
@@ -289,7 +293,7 @@ class Scheduler:
             if known is None:
                 table = self.kv.block_ids(rid)
                 new.append(NewSeq(rid, list(r.token_ids), r.num_prompt_tokens, s.start, s.num_new_tokens, table,
-                                  r.params, r.wants_prompt_logprobs))
+                                  r.params, r.wants_prompt_logprobs, r.images))
                 self._runner_blocks[rid] = len(table)
             else:
                 added = self.kv.block_ids(rid, known)

@@ -104,7 +104,8 @@ class EngineServer:
             self._send(self._ready_message())
         elif isinstance(msg, AddRequest):
             try:
-                self.engine.add_request(msg.request_id, msg.prompt_token_ids, msg.params, msg.prompt_logprobs)
+                self.engine.add_request(msg.request_id, msg.prompt_token_ids, msg.params, msg.prompt_logprobs,
+                                        msg.images)
             except ValueError as err:
                 self._send(RequestFailed(msg.request_id, FailureKind.VALIDATION, str(err)))
                 return

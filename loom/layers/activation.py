@@ -18,6 +18,11 @@ def _gelu_new(x: torch.Tensor) -> torch.Tensor:
     return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
 
 
+def _quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    # CLIP's activation (transformers' QuickGELUActivation)
+    return x * torch.sigmoid(1.702 * x)
+
+
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "silu": F.silu,
     "swish": F.silu,
@@ -26,6 +31,7 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu_pytorch_tanh": _gelu_tanh,
     "gelu_new": _gelu_new,
     "gelu_fast": _gelu_tanh,
+    "quick_gelu": _quick_gelu,
 }
 
 

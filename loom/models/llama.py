@@ -140,8 +140,10 @@ class LlamaModel(nn.Module):
         )
         self.norm = RMSNorm(hidden, float(cfg.get("rms_norm_eps", 1e-6)))
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """`embeds`: the input embeddings when not the tokens' own (a vision-language model's merged images)."""
+        x = self.embed_tokens(input_ids) if embeds is None else embeds
         residual = None
         for layer in self.layers:
             x, residual = layer(positions, x, residual)
@@ -162,9 +164,10 @@ class LlamaForCausalLM(nn.Module):
         if self.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                embeds: torch.Tensor | None = None) -> torch.Tensor:
         """(T,) ids and positions → (T, hidden) final hidden states."""
-        return self.model(input_ids, positions)
+        return self.model(input_ids, positions, embeds)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         return self.lm_head.compute_logits(hidden)

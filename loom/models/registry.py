@@ -36,6 +36,8 @@ _REGISTRY: dict[str, tuple[str, str]] = {
     "MixtralForCausalLM": ("loom.models.mixtral", "MixtralForCausalLM"),
     "Qwen2MoeForCausalLM": ("loom.models.qwen2_moe", "Qwen2MoeForCausalLM"),
     "Qwen3MoeForCausalLM": ("loom.models.qwen3_moe", "Qwen3MoeForCausalLM"),
+    # vision-language
+    "LlavaForConditionalGeneration": ("loom.models.llava", "LlavaForConditionalGeneration"),
 }
 
 _FALLBACK = ("loom.models.transformers_fallback", "TransformersForCausalLM")
@@ -47,6 +49,10 @@ def register(architecture: str, module: str, class_name: str) -> None:
 
 def supported_architectures() -> list[str]:
     return sorted(_REGISTRY)
+
+
+def vision_language_architectures() -> list[str]:
+    return sorted(a for a in _REGISTRY if a.endswith("ForConditionalGeneration"))
 
 
 def resolve_model_class(architecture: str, hf_config: dict[str, Any] | None = None,

@@ -50,8 +50,11 @@ def transformers_can_run(architecture: str, hf: dict[str, Any]) -> bool:
         raise ValueError(f"{architecture} is an encoder-decoder model; Loom serves decoder-only language models")
     for key in ("vision_config", "audio_config"):
         if hf.get(key) is not None:
+            from loom.models.registry import vision_language_architectures
+
             raise ValueError(
-                f"{architecture} is a multimodal model (config.json has `{key}`); Loom serves text-only decoders"
+                f"{architecture} is a multimodal model (config.json has `{key}`) that Loom does not implement; "
+                f"the vision-language architectures it serves: {', '.join(vision_language_architectures())}"
             )
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 

@@ -11,6 +11,7 @@ from typing import Union
 
 import msgspec
 
+from loom.protocol.multimodal import ImageInput
 from loom.protocol.outputs import FailureKind, RequestOutput
 from loom.sampling_params import SamplingParams
 
@@ -33,6 +34,7 @@ class AddRequest(msgspec.Struct, tag=True, frozen=True):
     params: SamplingParams
     prompt_logprobs: bool = False  # return the logprob of every prompt token (TGI's decoder_input_details)
     trace_carrier: dict[str, str] | None = None  # W3C headers of the router's request span (tracing on)
+    images: list[ImageInput] = []  # the prompt's images, preprocessed by the router (vision-language models)
 
 
 class AbortRequests(msgspec.Struct, tag=True, frozen=True):

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
+from loom.protocol.multimodal import ImageInput
 from loom.sampling_params import SamplingParams
 
 
@@ -31,6 +32,7 @@ class NewSeq(msgspec.Struct, array_like=True):
     block_ids: list[int]  # the whole block table
     params: SamplingParams  # used by the runner that samples (rank 0); others only hold it
     all_logits: bool = False  # score every prompt position (prompt logprobs: TGI's decoder_input_details)
+    images: list[ImageInput] = []  # the prompt's images (a vision-language model's runner encodes them)
 
 
 class RunningSeq(msgspec.Struct, array_like=True):

@@ -22,6 +22,7 @@ class RouterConfig:
     api_key: str | None = None
     cors_allow_origin: tuple[str, ...] = field(default_factory=tuple)
     payload_limit: int = 2_000_000
+    max_image_fetch_size: int = 1_073_741_824  # bytes of one image input, fetched or from a data URL (images.py)
     enable_prefill_logprobs: bool = False
     tokenizer_config_path: str | None = None
     disable_grammar_support: bool = False

@@ -33,9 +33,11 @@ from loom.layers.linear import PackableLinear, pack_linear_weights
 from loom.layers.lora import LoraRows
 from loom.models.loader import load_model
 from loom.protocol import shard
+from loom.protocol.multimodal import ImageInput
 from loom.protocol.outputs import failure_message
 from loom.protocol.plan import PromptScores, StepPlan, StepResult
 from loom.sampling_params import SamplingParams
+from loom.worker.image_embeds import ImageRows, SeqImages, check_placement
 from loom.worker.sampler import Sampler, SamplerOutput, SamplingRow, Watermark
 
 logger = logging.getLogger(__name__)
@@ -65,6 +67,7 @@ class _SeqState:
     all_logits: bool  # score the prompt's positions (prompt logprobs)
     draft_ids: list[int]  # the drafts the last step verified (a rank that does not sample learns from the next
     # plan's `start` how many were accepted)
+    images: SeqImages | None = None  # a vision-language model's prompt images and their encoder cache
 
 
 @dataclass(slots=True)
@@ -285,6 +288,8 @@ class ModelRunner:
                 generator = torch.Generator().manual_seed(new.params.seed)  # type: ignore[arg-type]
             state = _SeqState(list(new.token_ids), new.num_prompt_tokens, new.start, list(new.block_ids), new.params,
                               generator, new.all_logits, [])
+            if new.images:
+                state.images = SeqImages.of(new.images, new.token_ids, self.model.image_token_id)
             self.seqs[new.request_id] = state
             seqs.append(self._step_seq(new.request_id, state, new.token_ids[new.start : new.start + new.num_new]))
         for diff in plan.running:
@@ -322,14 +327,15 @@ class ModelRunner:
         ids = torch.tensor([t for s in ordered for t in s.token_ids], dtype=torch.long, device=self.device)
         positions = torch.cat([torch.arange(s.start, s.start + len(s.token_ids)) for s in ordered]).to(self.device)
         meta = self._attention_metadata(decodes, prefills)
-        with forward_context(ForwardContext(meta, self.kv_caches, self._lora_rows(ordered))):
-            hidden = self.model(ids, positions)
-        if self.draft is not None:
-            self.draft.mirror(ids, positions, meta)
         first_row, row = {}, 0
         for s in ordered:
             first_row[s.request_id] = row
             row += len(s.token_ids)
+        image_rows = self._image_rows(ordered, first_row)
+        with forward_context(ForwardContext(meta, self.kv_caches, self._lora_rows(ordered))):
+            hidden = self.model(ids, positions) if image_rows is None else self.model(ids, positions, image_rows)
+        if self.draft is not None:
+            self.draft.mirror(ids, positions, meta)
         rows: list[int] = []
         for s in seqs:
             start, n = first_row[s.request_id], len(s.token_ids)
@@ -344,6 +350,32 @@ class ModelRunner:
             self._last_hidden = selected
         logits = self.model.compute_logits(selected)  # gathered to rank 0
         return None if logits is None else logits.float()
+
+    def check_images(self, token_ids: list[int], images: list[ImageInput]) -> None:
+        """Refuse (ValueError) images this model cannot take or that are misplaced in the prompt."""
+        image_token_id = getattr(self.model, "image_token_id", None)
+        if image_token_id is None:
+            raise ValueError(f"{self.model_config.architecture} is not a vision-language model: image modality is "
+                             "not supported")
+        check_placement(token_ids, images, image_token_id)
+
+    def _image_rows(self, seqs: list[_StepSeq], first_row: dict[str, int]) -> ImageRows | None:
+        """The rows of this step's image positions and their embeddings: the vision tower runs, in one call for
+        the whole step, on the images first reached by this step. (A prompt chunk of one token counts as a decode
+        row, and may be an image's last position: every sequence is looked at.)"""
+        with_images = [s for s in seqs if s.state.images is not None and s.start < s.state.num_prompt_tokens]
+        if not with_images:
+            return None
+        todo = [(s, i) for s in with_images for i in s.state.images.to_encode(s.start, s.start + len(s.token_ids))]
+        if todo:
+            embeds = self.model.encode_images([s.state.images.images[i] for s, i in todo])
+            for (s, i), e in zip(todo, embeds):
+                s.state.images.cache[i] = e
+        parts = [p for s in with_images
+                 for p in s.state.images.rows(s.start, s.start + len(s.token_ids), first_row[s.request_id])]
+        if not parts:
+            return None
+        return ImageRows(torch.cat([r for r, _ in parts]).to(self.device), torch.cat([e for _, e in parts]))
 
     def _sample(self, seqs: list[_StepSeq], logits: torch.Tensor, guided: GuidedMasks | None,
                 forward_seconds: float) -> StepResult:

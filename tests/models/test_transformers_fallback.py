@@ -103,10 +103,11 @@ def test_encoder_decoder_is_refused(tmp_path):
         _load(_config_dir(tmp_path, bart, "BartForConditionalGeneration"))
 
 
-def test_multimodal_is_refused(tmp_path):
-    llava = transformers.LlavaConfig()
-    with pytest.raises(ValueError, match=r"LlavaForConditionalGeneration is a multimodal model .*vision_config"):
-        _load(_config_dir(tmp_path, llava, "LlavaForConditionalGeneration"))
+def test_unsupported_multimodal_is_refused_naming_the_supported_ones(tmp_path):
+    mllama = transformers.MllamaConfig()
+    with pytest.raises(ValueError, match=r"MllamaForConditionalGeneration is a multimodal model .*vision_config.*"
+                                         r"LlavaForConditionalGeneration"):
+        _load(_config_dir(tmp_path, mllama, "MllamaForConditionalGeneration"))
 
 
 def test_architecture_transformers_cannot_load_either_is_refused(tmp_path):

@@ -16,11 +16,14 @@ from collections.abc import Sequence
 from loom.engine.kv.block_pool import BlockPool, KVBlock
 
 
-def block_key(parent: bytes | None, tokens: Sequence[int]) -> bytes:
+def block_key(parent: bytes | None, tokens: Sequence[int], extra: bytes = b"") -> bytes:
     """Chained 128-bit digest. A cryptographic hash, not Python's `hash`: crafted prompts must not be able to
-    collide with another request's prefix and read its cached K/V (cf. vLLM CVE-2025-25183)."""
+    collide with another request's prefix and read its cached K/V (cf. vLLM CVE-2025-25183). `extra`: what else
+    the block's K/V depends on (the content hashes of the images whose tokens it holds)."""
     h = hashlib.blake2b(parent or b"", digest_size=16)
     h.update(array("q", tokens).tobytes())
+    if extra:
+        h.update(b"extra:" + extra)
     return h.digest()
 
 
@@ -48,17 +51,19 @@ class KVCacheManager:
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def find_cached_prefix(self, token_ids: Sequence[int], salt: str | None = None) -> list[KVBlock]:
+    def find_cached_prefix(self, token_ids: Sequence[int], salt: str | None = None,
+                           extras: Sequence[bytes] = ()) -> list[KVBlock]:
         """The longest run of indexed blocks equal to the start of `token_ids`, always leaving the last token
         uncomputed (its logits are needed to sample). Read-only: nothing is referenced until `allocate`.
-        `salt`: what else the K/V depends on (a LoRA adapter): blocks match only under the same salt."""
+        `salt`: what else the K/V depends on (a LoRA adapter): blocks match only under the same salt. `extras`:
+        per block, what else its own K/V depends on (`protocol.multimodal.block_extras`)."""
         if not self.enable_prefix_caching:
             return []
         bs = self.block_size
         hits: list[KVBlock] = []
         parent: bytes | None = _salt_key(salt)
         for i in range((len(token_ids) - 1) // bs):
-            key = block_key(parent, token_ids[i * bs : (i + 1) * bs])
+            key = block_key(parent, token_ids[i * bs : (i + 1) * bs], extras[i] if i < len(extras) else b"")
             block = self.pool.lookup(key)
             if block is None:
                 break
@@ -91,16 +96,17 @@ class KVCacheManager:
         return True
 
     def index_full_blocks(self, request_id: str, token_ids: Sequence[int], num_computed: int,
-                          salt: str | None = None) -> None:
+                          salt: str | None = None, extras: Sequence[bytes] = ()) -> None:
         """Index every block whose positions all have their K/V written (`num_computed` tokens so far), under
-        `salt` (see `find_cached_prefix`)."""
+        `salt` and `extras` (see `find_cached_prefix`)."""
         if not self.enable_prefix_caching:
             return
         bs = self.block_size
         table = self._tables[request_id]
         keys = self._keys.setdefault(request_id, [])
         for i in range(len(keys), num_computed // bs):
-            key = block_key(keys[-1] if keys else _salt_key(salt), token_ids[i * bs : (i + 1) * bs])
+            key = block_key(keys[-1] if keys else _salt_key(salt), token_ids[i * bs : (i + 1) * bs],
+                            extras[i] if i < len(extras) else b"")
             keys.append(key)
             self.pool.index(table[i], key)
 
