@@ -6,8 +6,9 @@ import itertools
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from os import PathLike
 from pathlib import Path
-from typing import Self, Union
+from typing import Any, Self, Union
 
 import torch
 from tqdm.auto import tqdm
@@ -16,10 +17,13 @@ from loom.config import EngineConfig, ModelConfig
 from loom.distributed.parallel_state import get_tp_group
 from loom.models.registry import check_tensor_parallel
 from loom.engine.core import EngineCore
+from loom.multimodal import ImagePrompt, ImagePromptBuilder, is_vision_language
 from loom.sampling_params import SamplingParams
 from loom.tokenizer import TextStream, finish_reason
 
-Prompt = Union[str, Sequence[int]]
+# text, token ids, or (vision-language models) text pieces and images in prompt order: PIL images or image paths
+# (pathlib.Path; a str is text)
+Prompt = Union[str, Sequence[int], Sequence[Any]]
 
 
 @dataclass
@@ -61,6 +65,7 @@ class LLM:
             raise
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()
+        self._images: ImagePromptBuilder | None = None  # made on the first prompt with images
 
     def _start_ranks(self, model: str | Path, dtype: str | torch.dtype, device: str, size: int) -> None:
         from loom.worker.tp_worker import LocalRanks
@@ -97,8 +102,15 @@ class LLM:
         try:
             for prompt, p in zip(prompt_list, param_list):
                 rid = f"llm-{next(self._ids)}"
-                ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-                request = self.engine.add_request(rid, ids, p)
+                images = []
+                if isinstance(prompt, str):
+                    ids = self.tokenizer.encode(prompt)
+                elif all(isinstance(t, int) for t in prompt):
+                    ids = list(prompt)
+                else:
+                    built = self._image_prompt(prompt)
+                    ids, images = built.token_ids, built.images
+                request = self.engine.add_request(rid, ids, p, images=images)
                 results[rid] = GenerationResult(
                     prompt if isinstance(prompt, str) else None, ids, seed=request.params.seed,
                     logprobs=[] if p.details else None, top_tokens=[] if p.top_n_tokens else None,
@@ -114,6 +126,25 @@ class LLM:
         for r in results.values():
             r.text = self.tokenizer.decode(r.token_ids, skip_special_tokens=True)
         return [results[rid] for rid in order]
+
+    def _image_prompt(self, pieces: Sequence[Any]) -> ImagePrompt:
+        """Text pieces and images (PIL images, or paths to image files) → prompt ids and the engine's images."""
+        from PIL import Image
+
+        if self._images is None:
+            config = self.engine.model_config
+            if not is_vision_language(config.hf_config):
+                raise ValueError(f"{config.architecture} is not a vision-language model: it takes no images")
+            self._images = ImagePromptBuilder(config.path, config.hf_config)
+        loaded = []
+        for piece in pieces:
+            if isinstance(piece, PathLike):
+                with Image.open(piece) as image:
+                    piece = image.convert("RGB")
+            elif not isinstance(piece, (str, Image.Image)):
+                raise TypeError(f"a prompt piece is text, a PIL image or an image path, not {type(piece).__name__}")
+            loaded.append(piece)
+        return self._images.build(loaded)
 
     def _run(self, results: dict[str, GenerationResult],
              texts: dict[str, TextStream], show_progress: bool) -> None:
@@ -148,11 +179,14 @@ class LLM:
 
 
 def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
+    """A batch of prompts; a lone prompt (text, token ids, or pieces with an image among them) as a batch of one."""
     if isinstance(prompts, str):
         return [prompts]
     prompts = list(prompts)
     if prompts and all(isinstance(t, int) for t in prompts):
         return [prompts]  # one prompt given as token ids
+    if any(not isinstance(p, (str, list, tuple)) for p in prompts):
+        return [prompts]  # one prompt of text pieces and images
     return prompts
 
 

@@ -14,6 +14,7 @@ import zmq.asyncio
 import zmq.utils.monitor
 
 from loom.protocol.outputs import FailureKind, RequestOutput
+from loom.protocol.multimodal import ImageInput
 from loom.protocol.messages import (
     AbortRequests,
     AddRequest,
@@ -100,14 +101,15 @@ class EngineClient:
 
     def submit(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, prompt_logprobs: bool = False,
-        trace_carrier: dict[str, str] | None = None,
+        trace_carrier: dict[str, str] | None = None, images: list[ImageInput] | None = None,
     ) -> RequestStream:
         stream = RequestStream(request_id)
         if self.engine_lost is not None:
             stream.queue.put_nowait(RequestFailed(request_id, FailureKind.GENERATION, self.engine_lost))
             return stream
         self._streams[request_id] = stream
-        self._push.send(encode(AddRequest(request_id, prompt_token_ids, params, prompt_logprobs, trace_carrier)))
+        self._push.send(encode(AddRequest(request_id, prompt_token_ids, params, prompt_logprobs, trace_carrier,
+                                           list(images or ()))))
         return stream
 
     def abort(self, request_id: str) -> None:

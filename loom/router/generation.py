@@ -136,7 +136,7 @@ class Generator:
         timings.validated = timings.validated or time.monotonic()
         prompt_logprobs = req.decoder_input_details and self.enable_prefill_logprobs
         handle = self.engine.submit(uuid.uuid4().hex, req.prompt_token_ids, req.params, prompt_logprobs,
-                                    tracing.carrier_of(timings.span))
+                                    tracing.carrier_of(timings.span), req.images)
         text = TextStream.for_request(self.tokenizer, req.prompt_token_ids, req.params.stop)
         tokens: list[TokenInfo] = []
         tops: list[list[TokenInfo]] = []

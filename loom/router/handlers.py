@@ -107,7 +107,8 @@ class RequestLifecycle:
         if state.draining:
             raise UnavailableError("Server is shutting down")
         vreq = await validate(inputs, params, state.tokenizer, state.limits, stream=stream,
-                              add_special_tokens=add_special_tokens, return_full_text_default=full_text_default)
+                              add_special_tokens=add_special_tokens, return_full_text_default=full_text_default,
+                              vision=state.vision)
         if vreq.best_of > state.limits.max_best_of:
             raise ValidationError(f"`best_of` must be > 0 and <= {state.limits.max_best_of}. Given: {vreq.best_of}")
         state.metrics.input_length.observe(vreq.input_length)

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import httpx
 from PIL import Image, UnidentifiedImageError
 
+from loom.multimodal import ImagePrompt, ImagePromptBuilder
 from loom.router.errors import ValidationError, scrub
 
 MARKDOWN_IMAGE = re.compile(r"!\[\]\([^\)]*\)")  # TGI's regex: an empty alt text, a url without `)`
@@ -160,3 +161,32 @@ def _decode(data: bytes, formats: tuple[str, ...]) -> tuple[Image.Image, str]:
         raise ValidationError(f"invalid image: {reason}") from err
     except Exception as err:  # noqa: BLE001 — any decoder failure (OSError, SyntaxError, DecompressionBomb*, ...)
         raise ValidationError(f"invalid image: {_reason(err)}") from err
+
+
+@dataclass(slots=True)
+class VisionInputs:
+    """A vision-language model's prompts: markdown images loaded, then the text and images turned into prompt ids
+    and `ImageInput`s by the checkpoint's processor (off the event loop)."""
+
+    builder: ImagePromptBuilder
+    max_image_fetch_size: int
+    fetch_timeout: float = 10.0
+
+    async def prompt(self, text: str, add_special_tokens: bool) -> ImagePrompt | None:
+        """None for a prompt without images (tokenized as text)."""
+        refs = find_markdown_images(text)
+        if not refs:
+            return None
+        fetched = await asyncio.gather(*(load_image(r.url, max_bytes=self.max_image_fetch_size,
+                                                    timeout=self.fetch_timeout) for r in refs))
+        pieces: list = []
+        at = 0
+        for ref, image in zip(refs, fetched):
+            pieces.extend([text[at : ref.start], image.image])
+            at = ref.end
+        pieces.append(text[at:])
+        pieces = [p for p in pieces if not isinstance(p, str) or p]
+        try:
+            return await asyncio.to_thread(self.builder.build, pieces, add_special_tokens)
+        except ValueError as err:
+            raise ValidationError(f"invalid image content: {scrub(str(err), first_line=True)}") from err

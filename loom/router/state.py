@@ -3,9 +3,11 @@ concurrency permits. Its own module so that the app and the route modules import
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar
 
 from fastapi import Request
@@ -14,11 +16,14 @@ from pydantic import ValidationError as PydanticValidationError
 from transformers import PreTrainedTokenizerBase
 
 from loom import __version__
+from loom.config import normalise_hf_config
+from loom.multimodal import ImagePromptBuilder, is_vision_language
 from loom.router import strict_json
 from loom.router.chat import ChatTemplate
 from loom.router.config import RouterConfig
 from loom.router.engine_client import EngineClient
 from loom.router.errors import OverloadedError
+from loom.router.images import VisionInputs
 from loom.router.generation import Generator
 from loom.router.metrics import Metrics
 from loom.router.validation import Limits
@@ -69,6 +74,7 @@ class RouterState:
     permits: Permits
     chat_template: ChatTemplate
     draining: bool = False
+    vision: VisionInputs | None = None  # a vision-language model's image inputs
 
     @contextmanager
     def permit(self, count: int = 1) -> Iterator[None]:
@@ -124,7 +130,16 @@ def build_state(config: RouterConfig, engine: EngineClient) -> RouterState:
     return RouterState(
         config, engine, tokenizer, limits, Generator(engine, tokenizer, config.enable_prefill_logprobs), metrics,
         Permits(config.max_concurrent_requests),
-        ChatTemplate.load(tokenizer, config.model_dir, config.tokenizer_config_path),
+        ChatTemplate.load(tokenizer, config.model_dir, config.tokenizer_config_path), vision=vision_inputs(config),
     )
+
+
+def vision_inputs(config: RouterConfig) -> VisionInputs | None:
+    """TGI: a model whose config has a vision tower takes markdown images in its prompts."""
+    cfg_file = Path(config.model_dir) / "config.json"
+    hf = normalise_hf_config(json.loads(cfg_file.read_text())) if cfg_file.is_file() else {}
+    if not is_vision_language(hf):
+        return None
+    return VisionInputs(ImagePromptBuilder(config.model_dir, hf), config.max_image_fetch_size)
 
 

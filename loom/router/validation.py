@@ -8,12 +8,14 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 from transformers import PreTrainedTokenizerBase
 
+from loom.protocol.multimodal import ImageInput
 from loom.router.errors import ValidationError, scrub
 from loom.router.grammar import grammar_spec
+from loom.router.images import VisionInputs
 from loom.router.schemas import GenerateParameters
 from loom.sampling_params import (
     SamplingParams, check_max_new_tokens, check_sampling, check_token_budget, resolve_max_new_tokens,
@@ -40,6 +42,7 @@ class ValidatedRequest:
     decoder_input_details: bool
     return_full_text: bool
     top_n_tokens: int
+    images: list[ImageInput] = field(default_factory=list)  # a vision-language prompt's images
 
     @property
     def input_length(self) -> int:
@@ -80,8 +83,9 @@ def check_parameters(p: GenerateParameters, limits: Limits, stream: bool) -> int
 
 async def validate(
     inputs: str, p: GenerateParameters, tokenizer: PreTrainedTokenizerBase, limits: Limits, *, stream: bool,
-    add_special_tokens: bool = True, return_full_text_default: bool = False,
+    add_special_tokens: bool = True, return_full_text_default: bool = False, vision: VisionInputs | None = None,
 ) -> ValidatedRequest:
+    """`vision`: a vision-language model's image handling (markdown images in `inputs` become image tokens)."""
     best_of = check_parameters(p, limits, stream)
     if not inputs:
         raise ValidationError("`inputs` cannot be empty")
@@ -89,13 +93,20 @@ async def validate(
         raise ValidationError(
             f"`truncate` must be strictly positive and less than {limits.max_input_tokens}. Given: {p.truncate}"
         )
-    try:
-        # Tokenizing is CPU work: off the event loop, like TGI's validation workers.
-        ids = await asyncio.to_thread(tokenizer.encode, inputs, add_special_tokens=add_special_tokens)
-    except Exception as err:
-        raise ValidationError(f"tokenizer error {scrub(str(err))}") from err
+    images: list[ImageInput] = []
+    with_images = await vision.prompt(inputs, add_special_tokens) if vision is not None else None
+    if with_images is not None:
+        ids, images = with_images.token_ids, with_images.images
+    else:
+        try:
+            # Tokenizing is CPU work: off the event loop, like TGI's validation workers.
+            ids = await asyncio.to_thread(tokenizer.encode, inputs, add_special_tokens=add_special_tokens)
+        except Exception as err:
+            raise ValidationError(f"tokenizer error {scrub(str(err))}") from err
     if p.truncate is not None:
-        ids = ids[-p.truncate :]  # TGI keeps the last `truncate` tokens
+        cut = max(len(ids) - p.truncate, 0)
+        ids = ids[cut:]  # TGI keeps the last `truncate` tokens
+        images = _after_cut(images, cut)
     input_length = len(ids)
     max_new = resolve_max_new_tokens(p.max_new_tokens, input_length, limits.max_total_tokens)
     with _as_validation_error():
@@ -114,5 +125,21 @@ async def validate(
     full_text = p.return_full_text if p.return_full_text is not None else return_full_text_default
     return ValidatedRequest(
         inputs, ids, params, best_of, p.details or p.decoder_input_details, p.decoder_input_details, full_text,
-        p.top_n_tokens or 0,
+        p.top_n_tokens or 0, images,
     )
+
+
+def _after_cut(images: list[ImageInput], cut: int) -> list[ImageInput]:
+    """The images left once the first `cut` prompt tokens are truncated away, placed in the shorter prompt; an
+    image cut through cannot be shown in part: refused."""
+    if not cut:
+        return images
+    kept = []
+    for image in images:
+        if image.end <= cut:
+            continue
+        if image.offset < cut:
+            raise ValidationError(f"`truncate` cuts through an image: its tokens are at positions {image.offset} to "
+                                  f"{image.end - 1} and the first {cut} tokens are dropped")
+        kept.append(replace(image, offset=image.offset - cut))
+    return kept

@@ -354,6 +354,8 @@ class ModelRunner:
     def check_images(self, token_ids: list[int], images: list[ImageInput]) -> None:
         """Refuse (ValueError) images this model cannot take or that are misplaced in the prompt."""
         image_token_id = getattr(self.model, "image_token_id", None)
+        if image_token_id is None and not images:
+            return
         if image_token_id is None:
             raise ValueError(f"{self.model_config.architecture} is not a vision-language model: image modality is "
                              "not supported")
