@@ -68,3 +68,49 @@ class LlavaForConditionalGeneration(VisionLanguageModel):
         dtype = self.multi_modal_projector.linear_1.weight.dtype
         pixels = torch.cat([im.tensors["pixel_values"].tensor() for im in images]).to(dtype)
         return list(self.image_features(pixels))
+
+
+class LlavaNextForConditionalGeneration(LlavaForConditionalGeneration):
+    """Llava-Next ("anyres"): an image is its downscaled whole plus a grid of crops at the best-fitting
+    resolution of `image_grid_pinpoints`; the crops' features are laid out as one feature map, cut back to the
+    image's aspect ratio (the padding removed), with a learned newline embedding after each row."""
+
+    PREFIXES = (*LlavaForConditionalGeneration.PREFIXES, ("model.image_newline", "image_newline"),
+                ("image_newline", "image_newline"))
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg)
+        self.image_newline = nn.Parameter(torch.empty(int(cfg.hf_config["hidden_size"])))
+        self.grid_pinpoints = cfg.hf_config["image_grid_pinpoints"]
+        self.tile_size = int(cfg.hf_config["vision_config"]["image_size"])
+
+    def encode_images(self, images: list[ImageInput]) -> list[torch.Tensor]:
+        # transformers' own helpers for the anyres geometry (the processor's counterpart decides the token count)
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        dtype = self.multi_modal_projector.linear_1.weight.dtype
+        crops, sizes, counts = [], [], []
+        for image in images:
+            size = image.tensors["image_sizes"].tensor().reshape(2).tolist()
+            n = image_size_to_num_patches(size, self.grid_pinpoints, self.tile_size)
+            pixels = image.tensors["pixel_values"].tensor()
+            crops.append(pixels.reshape(-1, *pixels.shape[-3:])[:n])
+            sizes.append(size)
+            counts.append(n)
+        features = self.image_features(torch.cat(crops).to(dtype)).split(counts)
+        return [self._pack(f, size) for f, size in zip(features, sizes)]
+
+    def _pack(self, features: torch.Tensor, size: list[int]) -> torch.Tensor:
+        """(crops, tokens, hidden) of one image → its embeddings in prompt order (transformers' packing)."""
+        from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
+
+        newline = self.image_newline.to(features.dtype)
+        if features.shape[0] == 1:
+            return torch.cat([features[0], newline[None]])
+        base, grid = features[0], features[1:]
+        side = int(base.shape[0] ** 0.5)
+        rows, cols = get_anyres_image_grid_shape(size, self.grid_pinpoints, self.tile_size)
+        grid = grid.view(rows, cols, side, side, -1).permute(4, 0, 2, 1, 3).flatten(1, 2).flatten(2, 3)
+        grid = unpad_image(grid, size)
+        grid = torch.cat([grid, newline[:, None, None].expand(*grid.shape[:-1], 1)], dim=-1)
+        return torch.cat([base, grid.flatten(1, 2).transpose(0, 1)])

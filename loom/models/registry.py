@@ -38,6 +38,9 @@ _REGISTRY: dict[str, tuple[str, str]] = {
     "Qwen3MoeForCausalLM": ("loom.models.qwen3_moe", "Qwen3MoeForCausalLM"),
     # vision-language
     "LlavaForConditionalGeneration": ("loom.models.llava", "LlavaForConditionalGeneration"),
+    "LlavaNextForConditionalGeneration": ("loom.models.llava", "LlavaNextForConditionalGeneration"),
+    "Idefics3ForConditionalGeneration": ("loom.models.idefics3", "Idefics3ForConditionalGeneration"),
+    "SmolVLMForConditionalGeneration": ("loom.models.idefics3", "Idefics3ForConditionalGeneration"),
 }
 
 _FALLBACK = ("loom.models.transformers_fallback", "TransformersForCausalLM")

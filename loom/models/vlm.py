@@ -62,15 +62,15 @@ class VisionLanguageModel(nn.Module):
         """(part, name within it) for a checkpoint name: part "lm" or a module prefix of ours; None to skip."""
         if any(s in name for s in self.SKIPPED):
             return None
-        for prefix, part in (("model.language_model.", "lm"), ("language_model.model.", "lm"),
-                             ("language_model.lm_head.", "lm_head"), ("lm_head.", "lm_head"), *self.PREFIXES):
+        for prefix, part in (*self.PREFIXES, ("model.language_model.", "lm"), ("language_model.model.", "lm"),
+                             ("language_model.lm_head.", "lm_head"), ("lm_head.", "lm_head")):
             if name.startswith(prefix):
                 rest = name[len(prefix):]
                 if part == "lm":
                     return "lm", "model." + rest
                 if part == "lm_head":
                     return "lm", "lm_head." + rest
-                return part, rest
+                return part, rest if part.endswith(".") else ""
         raise ValueError(f"Checkpoint tensor {name!r} has no place in {type(self).__name__}")
 
     def load_weights(self, weights: Iterable[tuple[str, CheckpointTensor]]) -> dict[str, set]:

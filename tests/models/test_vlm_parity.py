@@ -1,0 +1,110 @@
+"""Vision-language families against transformers on tiny random checkpoints: float32 logits at every prompt
+position (one prefill, chunks that split an image, one token at a time) and greedy generation in a batch that
+mixes image and text-only prompts under chunked prefill; the prefix cache tells images apart."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from loom import LLM, SamplingParams
+from loom.config import ModelConfig
+from loom.engine.kv.kv_manager import KVCacheManager
+from loom.multimodal import ImagePromptBuilder
+from loom.protocol.plan import NewSeq, RunningSeq, StepPlan
+from loom.testing.vlm_checkpoints import build_tiny_vlm, hf_reference, load_hf, test_image as make_image
+from loom.worker.runner import ModelRunner
+
+FAMILIES = ("llava", "llava_next", "idefics3")
+BLOCK = 16
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request, tmp_path_factory):
+    path = build_tiny_vlm(request.param, tmp_path_factory.mktemp(request.param))
+    model, processor = load_hf(path)
+    return request.param, path, model, processor
+
+
+def _text(builder: ImagePromptBuilder, pieces: list) -> str:
+    return "".join(p if isinstance(p, str) else builder.placeholder for p in pieces)
+
+
+def _prompts():
+    a, b = make_image(40, 30, seed=1), make_image(64, 48, seed=2)
+    return {
+        "one image": ["<|im_start|>user\nWhat is in ", a, " this picture?<|im_end|>\n<|im_start|>assistant\n"],
+        "two images": ["Compare ", a, " with ", b, " please"],
+        "image first": [b, "Describe it."],
+    }
+
+
+def _paged_logits(runner: ModelRunner, kv: KVCacheManager, ids: list[int], images, chunk: int) -> torch.Tensor:
+    assert kv.allocate("p", len(ids))
+    try:
+        out = []
+        for start in range(0, len(ids), chunk):
+            piece = ids[start : start + chunk]
+            if start == 0:
+                plan = StepPlan([NewSeq("p", list(ids), len(ids), 0, len(piece), kv.block_ids("p"), SamplingParams(),
+                                        True, images)], [], [], BLOCK)
+            else:
+                plan = StepPlan([], [RunningSeq("p", start, piece)], [], BLOCK)
+            out.append(runner.forward_logits(plan))
+        return torch.cat(out)
+    finally:
+        kv.free("p")
+        runner.forward_logits(StepPlan([], [], ["p"], BLOCK))
+
+
+def test_logits_match_transformers(family):
+    name, path, model, processor = family
+    config = ModelConfig.from_dir(path, "float32")
+    builder = ImagePromptBuilder(path, config.hf_config)
+    runner = ModelRunner(config, num_blocks=64, block_size=BLOCK)
+    kv = KVCacheManager(64, BLOCK, enable_prefix_caching=False)
+    for label, pieces in _prompts().items():
+        images = [p for p in pieces if not isinstance(p, str)]
+        ref = hf_reference(path, _text(builder, pieces), images, max_new_tokens=1, model=model, processor=processor)
+        prompt = builder.build(pieces)
+        assert prompt.token_ids == ref.input_ids[0].tolist(), f"{name}, {label}: prompt ids"
+        assert len(prompt.images) == len(images)
+        for chunk in (None, 7, 1):  # 7 and 1 split every image's tokens over steps (the encoder cache)
+            got = _paged_logits(runner, kv, prompt.token_ids, prompt.images, chunk or len(prompt.token_ids))
+            diff = (got - ref.logits).abs().max().item()
+            assert diff < 1e-4, f"{name}, {label}, chunk {chunk}: max abs diff {diff}"
+    kv.check_integrity()
+
+
+def test_greedy_batch_matches_transformers(family):
+    name, path, model, processor = family
+    prompts = list(_prompts().values()) + ["<|im_start|>user\nJust text.<|im_end|>\n"]
+    llm = LLM(path, dtype="float32", max_batch_total_tokens=4096, max_batch_prefill_tokens=24)
+    results = llm.generate(prompts, SamplingParams(max_new_tokens=8))
+    placeholder = ImagePromptBuilder(path, llm.engine.model_config.hf_config).placeholder
+    for pieces, result in zip(prompts, results):
+        if isinstance(pieces, str):
+            ref = hf_reference(path, pieces, [], max_new_tokens=8, model=model, processor=processor)
+        else:
+            text = "".join(p if isinstance(p, str) else placeholder for p in pieces)
+            ref = hf_reference(path, text, [p for p in pieces if not isinstance(p, str)], max_new_tokens=8,
+                               model=model, processor=processor)
+        assert result.token_ids == ref.greedy, f"{name}: {pieces if isinstance(pieces, str) else 'image prompt'}"
+    llm.engine.check_integrity()
+
+
+def test_prefix_cache_tells_images_apart(family):
+    name, path, _, _ = family
+    llm = LLM(path, dtype="float32", max_batch_total_tokens=4096)
+    a, b = make_image(40, 30, seed=1), make_image(40, 30, seed=5)
+    text = "A long enough preamble that fills more than one block of the cache before the image: "
+    first = llm.generate([[text, a, " what?"]], SamplingParams(max_new_tokens=4))[0]
+    other = llm.generate([[text, b, " what?"]], SamplingParams(max_new_tokens=4))[0]
+    again = llm.generate([[text, a, " what?"]], SamplingParams(max_new_tokens=4))[0]
+    n_text = len(llm.tokenizer.encode(text))
+    image_block = n_text // BLOCK  # the first block holding image tokens
+    # the text blocks before the image are shared; from the image's first block on, another image is another block
+    assert other.num_cached_tokens == image_block * BLOCK, name
+    assert again.num_cached_tokens > other.num_cached_tokens, name
+    assert again.token_ids == first.token_ids
+    llm.engine.check_integrity()
