@@ -76,6 +76,8 @@ class Scheduler:
         # in the plan as a diff), and the requests it should drop at the next plan.
         self._runner_blocks: dict[str, int] = {}
         self._runner_drops: list[str] = []
+        # the model's image tokens attend to each other both ways (Gemma 3): no prompt chunk ends inside an image
+        self.whole_images = False
 
     def add(self, request: Request) -> None:
         if request.request_id in self.requests:
@@ -120,7 +122,7 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            n = min(request.num_tokens - request.num_computed_tokens, budget)
+            n = self._chunk(request, request.num_computed_tokens, budget)
             while not self.kv.allocate(request.request_id, request.num_computed_tokens + n):
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -138,7 +140,7 @@ class Scheduler:
             hits = [] if request.wants_prompt_logprobs else self.kv.find_cached_prefix(
                 request.token_ids, request.params.adapter_id, request.block_extras)
             computed = len(hits) * self.kv.block_size
-            n = min(request.num_tokens - computed, budget)
+            n = self._chunk(request, computed, budget)
             if not self.kv.allocate(request.request_id, computed + n, hits):
                 break
             self.waiting.popleft()
@@ -150,6 +152,19 @@ class Scheduler:
             out.seqs.append(ScheduledSeq(request, computed, n))
             budget -= n
         return budget
+
+    def _chunk(self, request: Request, start: int, budget: int) -> int:
+        """Positions of `request` to compute from `start` within `budget`. For a model whose image tokens attend
+        to each other both ways (`whole_images`), a prompt chunk never ends inside an image: it ends before the
+        image, or, when the image starts the chunk, takes the whole image even past the budget."""
+        n = min(request.num_tokens - start, budget)
+        if not self.whole_images:
+            return n
+        end = start + n
+        for image in request.images:
+            if image.offset < end < image.end:
+                return image.offset - start if image.offset > start else image.end - start
+        return n
 
     def _add_drafts(self, out: SchedulerOutput, speculator: Speculator) -> None:
         """Drafts for the step's decodes of requests the runner holds (a re-admitted request runs without), cut at

@@ -124,6 +124,12 @@ class Attention(nn.Module):
     def _prefill(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor, span: PrefillSpan
     ) -> torch.Tensor:
+        if span.bidirectional and self.softcap is None:  # not causal: the explicit mask
+            keys = cache[0][span.slots].transpose(0, 1)
+            values = cache[1][span.slots].transpose(0, 1)
+            if keys.dtype != q.dtype:
+                keys, values = self._from_cache(keys, values, q.dtype)
+            return self._sdpa(q.transpose(0, 1), keys, values, self._prefill_mask(span)).transpose(0, 1)
         if cache.dtype == q.dtype and prefill_attention_cpu.applies(q, self.head_dim, self.softcap):
             # bf16 dot products straight from the cache (this step's K/V are written already): 3-4x SDPA's flash
             # kernel on a 256-token prompt, and a continued chunk needs no gather
@@ -160,6 +166,8 @@ class Attention(nn.Module):
         q_pos = torch.arange(span.ctx_len - span.q_len, span.ctx_len).unsqueeze(1)  # (q_len, 1)
         k_pos = torch.arange(span.ctx_len).unsqueeze(0)  # (1, ctx_len)
         mask = k_pos <= q_pos
+        for a, b in span.bidirectional:  # both ways within the range (transformers: OR(causal, block))
+            mask |= (q_pos >= a) & (q_pos < b) & (k_pos >= a) & (k_pos < b)
         if self.sliding_window is not None:
             mask &= k_pos > q_pos - self.sliding_window
         return mask

@@ -27,6 +27,9 @@ class PrefillSpan:
     q_len: int
     ctx_len: int  # tokens in the cache once this step's K/V are written
     slots: torch.Tensor  # (ctx_len,) flat KV slots of positions 0..ctx_len-1
+    # position ranges [a, b) whose tokens attend to each other both ways (Gemma 3's image tokens), each with all
+    # of its positions computed by this step or before it
+    bidirectional: list[tuple[int, int]] = field(default_factory=list)
 
 
 @dataclass(slots=True)

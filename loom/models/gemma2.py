@@ -118,9 +118,15 @@ class GemmaModel(nn.Module):
             )
         self.norm = GemmaRMSNorm(hidden, float(cfg.get("rms_norm_eps", 1e-6)))
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The tokens' input embeddings (scaled by sqrt(hidden), Gemma's rule)."""
         x = self.embed_tokens(input_ids)
-        x = x * self.normalizer.to(x.dtype)
+        return x * self.normalizer.to(x.dtype)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """`embeds`: the input embeddings when not the tokens' own (a vision-language model's merged images)."""
+        x = self.embed(input_ids) if embeds is None else embeds
         for layer, kind in zip(self.layers, self.layer_types):
             x = layer(positions, x, self.rotary[kind])
         return self.norm(x)
@@ -166,9 +172,10 @@ class Gemma2ForCausalLM(nn.Module):
         return hf.get("attn_logit_softcapping", 50.0)
 
     # --- the model interface ---
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                embeds: torch.Tensor | None = None) -> torch.Tensor:
         """(T,) ids and positions → (T, hidden) final hidden states."""
-        return self.model(input_ids, positions)
+        return self.model(input_ids, positions, embeds)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         logits = self.lm_head.compute_logits(hidden)  # None on tensor-parallel ranks other than 0

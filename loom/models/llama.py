@@ -140,10 +140,14 @@ class LlamaModel(nn.Module):
         )
         self.norm = RMSNorm(hidden, float(cfg.get("rms_norm_eps", 1e-6)))
 
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The tokens' input embeddings."""
+        return self.embed_tokens(input_ids)
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 embeds: torch.Tensor | None = None) -> torch.Tensor:
         """`embeds`: the input embeddings when not the tokens' own (a vision-language model's merged images)."""
-        x = self.embed_tokens(input_ids) if embeds is None else embeds
+        x = self.embed(input_ids) if embeds is None else embeds
         residual = None
         for layer in self.layers:
             x, residual = layer(positions, x, residual)

@@ -41,6 +41,7 @@ _REGISTRY: dict[str, tuple[str, str]] = {
     "LlavaNextForConditionalGeneration": ("loom.models.llava", "LlavaNextForConditionalGeneration"),
     "Idefics3ForConditionalGeneration": ("loom.models.idefics3", "Idefics3ForConditionalGeneration"),
     "SmolVLMForConditionalGeneration": ("loom.models.idefics3", "Idefics3ForConditionalGeneration"),
+    "Gemma3ForConditionalGeneration": ("loom.models.gemma3_vlm", "Gemma3ForConditionalGeneration"),
 }
 
 _FALLBACK = ("loom.models.transformers_fallback", "TransformersForCausalLM")

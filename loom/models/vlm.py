@@ -46,7 +46,7 @@ class VisionLanguageModel(nn.Module):
 
     def embed(self, input_ids: torch.Tensor, image_rows: ImageRows) -> torch.Tensor:
         """The tokens' embeddings with the image rows' replaced."""
-        embeds = self.language_model.model.embed_tokens(input_ids)
+        embeds = self.language_model.model.embed(input_ids)
         embeds[image_rows.rows] = image_rows.embeds.to(embeds.dtype)
         return embeds
 

@@ -62,6 +62,15 @@ class SeqImages:
         return [i for i, image in enumerate(self.images)
                 if image.offset < end and image.end > start and i not in self.cache]
 
+    def token_ranges(self, start: int, end: int) -> list[tuple[int, int]]:
+        """Per image with image tokens in [start, end): the range from its first image token to its last (for a
+        family whose image tokens attend to each other both ways)."""
+        out = []
+        for image, pos in zip(self.images, self.positions):
+            if len(pos) and image.offset < end and image.end > start:
+                out.append((int(pos[0]), int(pos[-1]) + 1))
+        return out
+
     def rows(self, start: int, end: int, first_row: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(batch rows, their embeddings) for this step's positions [start, end), the sequence's first row being
         `first_row`; then drops the embeddings no later step needs."""

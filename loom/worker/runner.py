@@ -557,10 +557,14 @@ class ModelRunner:
             slot_parts.append(new_slots * self.block_size + last % self.block_size)
             tables, lens = tables.to(self.device), lens.to(self.device)
         spans, row = [], num_decode_rows
+        both_ways = getattr(self.model, "bidirectional_images", False)
         for s in prefills:
             ctx_len = s.start + len(s.token_ids)
             slots = self._slots(s.state.block_ids, ctx_len)
-            spans.append(PrefillSpan(row, len(s.token_ids), ctx_len, slots))
+            span = PrefillSpan(row, len(s.token_ids), ctx_len, slots)
+            if both_ways and s.state.images is not None:
+                span.bidirectional = s.state.images.token_ranges(s.start, ctx_len)
+            spans.append(span)
             slot_parts.append(slots[s.start :].cpu())
             row += len(s.token_ids)
         slot_mapping = torch.cat(slot_parts).to(self.device)

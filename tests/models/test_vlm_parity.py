@@ -15,7 +15,7 @@ from loom.protocol.plan import NewSeq, RunningSeq, StepPlan
 from loom.testing.vlm_checkpoints import build_tiny_vlm, hf_reference, load_hf, test_image as make_image
 from loom.worker.runner import ModelRunner
 
-FAMILIES = ("llava", "llava_next", "idefics3")
+FAMILIES = ("llava", "llava_next", "idefics3", "gemma3")
 BLOCK = 16
 
 
@@ -43,14 +43,21 @@ def _paged_logits(runner: ModelRunner, kv: KVCacheManager, ids: list[int], image
     assert kv.allocate("p", len(ids))
     try:
         out = []
-        for start in range(0, len(ids), chunk):
-            piece = ids[start : start + chunk]
+        whole = getattr(runner.model, "bidirectional_images", False)
+        start = 0
+        while start < len(ids):
+            end = min(start + chunk, len(ids))
+            for image in images if whole else ():  # the scheduler's rule: no chunk ends inside such an image
+                if image.offset < end < image.end:
+                    end = image.offset if image.offset > start else image.end
+            piece = ids[start:end]
             if start == 0:
                 plan = StepPlan([NewSeq("p", list(ids), len(ids), 0, len(piece), kv.block_ids("p"), SamplingParams(),
                                         True, images)], [], [], BLOCK)
             else:
                 plan = StepPlan([], [RunningSeq("p", start, piece)], [], BLOCK)
             out.append(runner.forward_logits(plan))
+            start = end
         return torch.cat(out)
     finally:
         kv.free("p")
@@ -69,7 +76,9 @@ def test_logits_match_transformers(family):
         prompt = builder.build(pieces)
         assert prompt.token_ids == ref.input_ids[0].tolist(), f"{name}, {label}: prompt ids"
         assert len(prompt.images) == len(images)
-        for chunk in (None, 7, 1):  # 7 and 1 split every image's tokens over steps (the encoder cache)
+        # 7 and 1 split every image's tokens over steps (the encoder cache), except where the family's image tokens
+        # attend both ways (Gemma 3), whose images the scheduler computes whole
+        for chunk in (None, 7, 1):
             got = _paged_logits(runner, kv, prompt.token_ids, prompt.images, chunk or len(prompt.token_ids))
             diff = (got - ref.logits).abs().max().item()
             assert diff < 1e-4, f"{name}, {label}, chunk {chunk}: max abs diff {diff}"
@@ -98,9 +107,10 @@ def test_prefix_cache_tells_images_apart(family):
     llm = LLM(path, dtype="float32", max_batch_total_tokens=4096)
     a, b = make_image(40, 30, seed=1), make_image(40, 30, seed=5)
     text = "A long enough preamble that fills more than one block of the cache before the image: "
-    first = llm.generate([[text, a, " what?"]], SamplingParams(max_new_tokens=4))[0]
-    other = llm.generate([[text, b, " what?"]], SamplingParams(max_new_tokens=4))[0]
-    again = llm.generate([[text, a, " what?"]], SamplingParams(max_new_tokens=4))[0]
+    after = " so what is shown here, in a few words? Please answer briefly, and in plain English."
+    first = llm.generate([[text, a, after]], SamplingParams(max_new_tokens=4))[0]
+    other = llm.generate([[text, b, after]], SamplingParams(max_new_tokens=4))[0]
+    again = llm.generate([[text, a, after]], SamplingParams(max_new_tokens=4))[0]
     n_text = len(llm.tokenizer.encode(text))
     image_block = n_text // BLOCK  # the first block holding image tokens
     # the text blocks before the image are shared; from the image's first block on, another image is another block
@@ -108,3 +118,28 @@ def test_prefix_cache_tells_images_apart(family):
     assert again.num_cached_tokens > other.num_cached_tokens, name
     assert again.token_ids == first.token_ids
     llm.engine.check_integrity()
+
+
+def test_scheduler_never_ends_a_chunk_inside_an_image_that_attends_both_ways():
+    from loom.config import EngineConfig
+    from loom.engine.request import Request
+    from loom.engine.scheduler import Scheduler
+    from loom.protocol.multimodal import ImageInput
+
+    def chunks(budget: int, whole: bool) -> list[int]:
+        scheduler = Scheduler(EngineConfig(max_batch_prefill_tokens=budget), KVCacheManager(64, BLOCK))
+        scheduler.whole_images = whole
+        image = ImageInput(offset=10, length=6, num_embeds=6, content_hash=b"x", tensors={})
+        request = Request("r", list(range(40)), SamplingParams(), 4, frozenset(), images=[image])
+        scheduler.add(request)
+        sizes = []
+        while request.num_computed_tokens < request.num_prompt_tokens:
+            out = scheduler.schedule()
+            (seq,) = out.seqs
+            sizes.append(seq.num_new_tokens)
+            request.num_computed_tokens += seq.num_new_tokens
+        return sizes
+
+    assert chunks(12, whole=False) == [12, 12, 12, 4]
+    assert chunks(12, whole=True) == [10, 12, 12, 6]  # ends before the image, then takes it whole
+    assert chunks(4, whole=True) == [4, 4, 2, 6, 4, 4, 4, 4, 4, 4]  # the image past the budget of 4
