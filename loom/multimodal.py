@@ -45,6 +45,33 @@ def _placeholder(processor: Any) -> str:
     return processor.image_token
 
 
+def load_processor(model_dir: str | Path, hf_config: dict[str, Any]) -> Any:
+    """The checkpoint's processor. Qwen2-VL's and Qwen2.5-VL's need torchvision for their video half, even for
+    images; without it (Loom does not depend on torchvision), the same processor class without a video processor:
+    images and text still go through transformers' own processor code."""
+    from transformers import AutoProcessor
+    from transformers.utils import is_torchvision_available
+
+    if hf_config.get("model_type") not in ("qwen2_vl", "qwen2_5_vl") or is_torchvision_available():
+        return AutoProcessor.from_pretrained(str(model_dir))
+    import transformers
+
+    base = (transformers.Qwen2_5_VLProcessor if hf_config["model_type"] == "qwen2_5_vl"
+            else transformers.Qwen2VLProcessor)
+
+    class ImageOnlyProcessor(base):  # the parent checks its video processor against a torchvision-only class
+        def check_argument_for_proper_class(self, argument_name, argument):
+            if argument_name == "video_processor" and argument is None:
+                return None
+            return super().check_argument_for_proper_class(argument_name, argument)
+
+    ImageOnlyProcessor.__name__ = ImageOnlyProcessor.__qualname__ = base.__name__
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(model_dir))
+    return ImageOnlyProcessor(image_processor=transformers.AutoImageProcessor.from_pretrained(str(model_dir)),
+                              tokenizer=tokenizer, video_processor=None,
+                              chat_template=getattr(tokenizer, "chat_template", None))
+
+
 @dataclass(slots=True)
 class ImagePrompt:
     token_ids: list[int]
@@ -53,9 +80,7 @@ class ImagePrompt:
 
 class ImagePromptBuilder:
     def __init__(self, model_dir: str | Path, hf_config: dict[str, Any]):
-        from transformers import AutoProcessor
-
-        self.processor = AutoProcessor.from_pretrained(str(model_dir))
+        self.processor = load_processor(model_dir, hf_config)
         token = image_token_id(hf_config)
         assert token is not None
         self.image_token_id = token

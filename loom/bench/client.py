@@ -1,5 +1,5 @@
 """One streamed request against a TGI (`/generate_stream`) or OpenAI (`/v1/completions`, `/v1/chat/completions`)
-endpoint, timed."""
+endpoint, timed; with images (data URLs) for a vision-language model: chat content parts, or TGI markdown images."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ class RequestRecord:
     ttft: float | None = None  # seconds to the first token
     e2e: float | None = None  # seconds to the last byte
     output_tokens: int = 0
+    server_prompt_tokens: int | None = None  # usage.prompt_tokens (OpenAI) or details.input_length (TGI)
     token_times: list[float] = field(default_factory=list)  # arrival time of each token event (perf_counter)
 
     @property
@@ -32,23 +33,39 @@ class RequestRecord:
         return [b - a for a, b in zip(self.token_times, self.token_times[1:])]
 
 
-def request_body(api: str, prompt: str, output_tokens: int, model: str, ignore_eos: bool) -> tuple[str, dict]:
+@dataclass(frozen=True)
+class BenchPrompt:
+    """A prompt's text and the images (data URLs) sent with it."""
+    text: str
+    images: tuple[str, ...] = ()
+
+
+def request_body(api: str, prompt: str | BenchPrompt, output_tokens: int, model: str,
+                 ignore_eos: bool) -> tuple[str, dict]:
+    text, images = (prompt.text, prompt.images) if isinstance(prompt, BenchPrompt) else (prompt, ())
     if api == "tgi":
         params = {"max_new_tokens": output_tokens, "details": True}
         if ignore_eos:
             params["ignore_eos"] = True  # a Loom extension; TGI ignores unknown fields
-        return "/generate_stream", {"inputs": prompt, "parameters": params}
+        # images as TGI's markdown `![](url)`, before the text
+        return "/generate_stream", {"inputs": "".join(f"![]({u})" for u in images) + text, "parameters": params}
     body = {"model": model, "max_tokens": output_tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
     if ignore_eos:
         body["ignore_eos"] = True  # Loom and vLLM honour it
     if api == "chat":  # the prompt is the user's message; the server applies the chat template
-        return "/v1/chat/completions", {**body, "messages": [{"role": "user", "content": prompt}]}
-    return "/v1/completions", {**body, "prompt": prompt}
+        content: str | list[dict] = text
+        if images:  # OpenAI content parts: the images, then the text
+            content = [*({"type": "image_url", "image_url": {"url": u}} for u in images),
+                       {"type": "text", "text": text}]
+        return "/v1/chat/completions", {**body, "messages": [{"role": "user", "content": content}]}
+    if images:
+        raise ValueError("/v1/completions takes no images: use the chat API")
+    return "/v1/completions", {**body, "prompt": text}
 
 
-async def send(client: httpx.AsyncClient, base_url: str, api: str, prompt: str, output_tokens: int, model: str,
-               ignore_eos: bool, headers: dict[str, str]) -> RequestRecord:
+async def send(client: httpx.AsyncClient, base_url: str, api: str, prompt: str | BenchPrompt, output_tokens: int,
+               model: str, ignore_eos: bool, headers: dict[str, str]) -> RequestRecord:
     path, body = request_body(api, prompt, output_tokens, model, ignore_eos)
     rec = RequestRecord(start=time.perf_counter())
     usage_tokens = None
@@ -67,9 +84,14 @@ async def send(client: httpx.AsyncClient, base_url: str, api: str, prompt: str, 
                 if "error" in event:
                     rec.error = str(event["error"])
                     return rec
-                if api != "tgi" and event.get("usage") and not event.get("choices"):
-                    usage_tokens = event["usage"].get("completion_tokens")
-                    continue
+                if api != "tgi" and event.get("usage"):
+                    if event["usage"].get("prompt_tokens") is not None:
+                        rec.server_prompt_tokens = event["usage"]["prompt_tokens"]
+                    if not event.get("choices"):  # the closing usage chunk (stream_options.include_usage)
+                        usage_tokens = event["usage"].get("completion_tokens")
+                        continue
+                if api == "tgi" and (event.get("details") or {}).get("input_length") is not None:
+                    rec.server_prompt_tokens = event["details"]["input_length"]
                 now = time.perf_counter()
                 if rec.ttft is None:
                     rec.ttft = now - rec.start

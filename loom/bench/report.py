@@ -10,19 +10,40 @@ def _ms(x: float | None) -> str:
     return "-" if x is None else f"{x * 1000:.0f}"
 
 
-def print_table(summaries: list[dict]) -> None:
+def workload_lines(meta: dict, images: str | None = None) -> list[str]:
+    """The settings a run is comparable by, as text: the API, prompt and output lengths, the images."""
+    if meta.get("prompt_tokens") is None:
+        text = "dataset prompts as they are"
+    else:
+        shared = meta.get("shared_prefix_tokens") or 0
+        text = f"{meta['prompt_tokens']} text prompt tokens" + (f" ({shared} shared)" if shared else "")
+    lines = [f"workload: api {meta['api']}, {text}, {meta['output_tokens']} output tokens"]
+    if images:
+        lines.append(f"images: {images}")
+        lines.append("  the prompt tokens are the text's (bench tokenizer); image tokens come on top: "
+                     "`srv prompt` = the server's mean count")
+    return lines
+
+
+def print_table(summaries: list[dict], workload: list[str] | None = None) -> None:
+    if workload:
+        print()
+        for line in workload:
+            print(line)
     print(f"\n{'server':<28} {'load':<10} {'ok/all':>7} {'out tok/s':>9} {'req/s':>6} "
           f"{'TTFT p50/p90/p99 ms':>21} {'TPOT p50/p90 ms':>16} {'ITL p50 ms':>10} {'E2E p50 s':>9} "
-          f"{'accept':>6}")
+          f"{'accept':>6} {'srv prompt':>10}")
     for s in summaries:
         ttft = f"{_ms(s['ttft_p50'])}/{_ms(s['ttft_p90'])}/{_ms(s['ttft_p99'])}"
         tpot = f"{_ms(s['tpot_p50'])}/{_ms(s['tpot_p90'])}"
         e2e = "-" if s["e2e_p50"] is None else f"{s['e2e_p50']:.2f}"
         rate = s.get("spec_acceptance")  # speculative drafts accepted (a Loom server with --speculate)
         accept = "-" if rate is None else f"{rate * 100:.0f}%"
+        prompt = s.get("mean_server_prompt_tokens")  # the server's prompt tokens, images included
+        prompt = "-" if prompt is None else f"{prompt:.1f}"
         print(f"{s['url'][-28:]:<28} {s['load']:<10} {s['completed']:>3}/{s['requests']:<3} "
               f"{s['output_throughput']:>9.1f} {s['request_throughput']:>6.2f} {ttft:>21} {tpot:>16} "
-              f"{_ms(s['itl_p50']):>10} {e2e:>9} {accept:>6}")
+              f"{_ms(s['itl_p50']):>10} {e2e:>9} {accept:>6} {prompt:>10}")
         for err in s["errors"]:
             print(f"    error: {err}")
 

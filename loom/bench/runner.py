@@ -11,13 +11,13 @@ from dataclasses import dataclass
 import httpx
 from tqdm.auto import tqdm
 
-from loom.bench.client import RequestRecord, send
+from loom.bench.client import BenchPrompt, RequestRecord, send
 
 
 @dataclass
 class LoadSpec:
     url: str
-    api: str  # "openai" | "tgi"
+    api: str  # "openai" | "chat" | "tgi"
     model: str
     output_tokens: int
     ignore_eos: bool = True
@@ -53,6 +53,7 @@ class RunResult:
     def summary(self) -> dict:
         ok = self.ok
         out_tokens = sum(r.output_tokens for r in ok)
+        server_prompt = [r.server_prompt_tokens for r in ok if r.server_prompt_tokens is not None]
         metrics = {
             "ttft": [r.ttft for r in ok if r.ttft is not None],
             "tpot": [r.tpot for r in ok if r.tpot is not None],
@@ -65,6 +66,8 @@ class RunResult:
             "request_throughput": len(ok) / self.duration if self.duration else 0.0,
             "output_throughput": out_tokens / self.duration if self.duration else 0.0,
             "output_tokens": out_tokens,
+            # the server's own prompt-token count (text, template and image tokens), when the API reports it
+            "mean_server_prompt_tokens": statistics.fmean(server_prompt) if server_prompt else None,
             "errors": sorted({r.error for r in self.records if r.error})[:5],
         }
         for name, values in metrics.items():
@@ -74,13 +77,13 @@ class RunResult:
         return s
 
 
-async def run_load(spec: LoadSpec, prompts: list[str], show_progress: bool = True) -> RunResult:
+async def run_load(spec: LoadSpec, prompts: list[str | BenchPrompt], show_progress: bool = True) -> RunResult:
     headers = {"Authorization": f"Bearer {spec.api_key}"} if spec.api_key else {}
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     bar = tqdm(total=len(prompts), desc=f"{spec.url} {spec.label}", unit="req", disable=not show_progress)
     async with httpx.AsyncClient(timeout=httpx.Timeout(None, connect=30), limits=limits) as client:
 
-        async def one(prompt: str) -> RequestRecord:
+        async def one(prompt: str | BenchPrompt) -> RequestRecord:
             rec = await send(client, spec.url, spec.api, prompt, spec.output_tokens, spec.model, spec.ignore_eos,
                              headers)
             bar.update(1)
@@ -96,9 +99,9 @@ async def run_load(spec: LoadSpec, prompts: list[str], show_progress: bool = Tru
     return RunResult(spec, records, duration)
 
 
-async def _closed_loop(one, prompts: list[str], concurrency: int) -> list[RequestRecord]:
+async def _closed_loop(one, prompts: list, concurrency: int) -> list[RequestRecord]:
     """`concurrency` clients, each sending its next request as soon as the previous one ends."""
-    queue: asyncio.Queue[str] = asyncio.Queue()
+    queue: asyncio.Queue = asyncio.Queue()
     for p in prompts:
         queue.put_nowait(p)
     records: list[RequestRecord] = []
@@ -111,7 +114,7 @@ async def _closed_loop(one, prompts: list[str], concurrency: int) -> list[Reques
     return records
 
 
-async def _open_loop(one, prompts: list[str], rate: float, seed: int) -> list[RequestRecord]:
+async def _open_loop(one, prompts: list, rate: float, seed: int) -> list[RequestRecord]:
     """Requests arrive as a Poisson process of `rate` per second, whatever the server's pace."""
     rng = random.Random(seed)
     tasks = []

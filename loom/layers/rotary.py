@@ -195,3 +195,29 @@ def _apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: in
         return x * cos + _rotate_half(x) * sin
     rot, keep = x[..., :rotary_dim], x[..., rotary_dim:]
     return torch.cat((rot * cos + _rotate_half(rot) * sin, keep), dim=-1)
+
+
+class MRotaryEmbedding(RotaryEmbedding):
+    """Qwen2-VL's multimodal rope (M-RoPE): a position is three numbers (temporal, height, width), and the
+    rotary frequencies are split into `mrope_section` parts that turn with one of them each. Text positions have
+    the three equal, which is plain rope: (T,) positions take the parent's path; (3, T) positions this one."""
+
+    def __init__(self, head_dim: int, rotary_dim: int, max_positions: int, params: dict[str, Any]):
+        super().__init__(head_dim, rotary_dim, max_positions, params)
+        self.mrope_section = [int(s) for s in params["mrope_section"]]
+        if sum(self.mrope_section) * 2 != rotary_dim:
+            raise ValueError(f"mrope_section {self.mrope_section} does not cover the rotary dimension {rotary_dim}")
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if positions.dim() == 1:
+            return super().forward(positions, q, k)
+        cos = self._sections(self.cos[positions]).to(q.dtype).unsqueeze(1)  # (T, 1, rotary_dim)
+        sin = self._sections(self.sin[positions]).to(q.dtype).unsqueeze(1)
+        return _apply(q, cos, sin, self.rotary_dim), _apply(k, cos, sin, self.rotary_dim)
+
+    def _sections(self, table: torch.Tensor) -> torch.Tensor:
+        """(3, T, rotary_dim) per-axis tables → (T, rotary_dim): frequency section i from axis i % 3 (both halves
+        of the table hold the same frequencies)."""
+        half = table[..., : self.rotary_dim // 2].split(self.mrope_section, dim=-1)
+        picked = torch.cat([part[i % 3] for i, part in enumerate(half)], dim=-1)
+        return torch.cat((picked, picked), dim=-1)

@@ -21,7 +21,7 @@ from loom.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from loom.layers.kernels import fused_cpu
 from loom.layers.linear import CheckpointTensor, ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from loom.layers.norm import RMSNorm
-from loom.layers.rotary import RotaryEmbedding, rope_parameters
+from loom.layers.rotary import MRotaryEmbedding, RotaryEmbedding, rope_parameters
 from loom.models.weights import llama_style_loader
 
 
@@ -62,12 +62,14 @@ class LlamaAttention(nn.Module):
         self.q_norm = RMSNorm(head_dim, eps) if variant.qk_norm else None
         self.k_norm = RMSNorm(head_dim, eps) if variant.qk_norm else None
         rotary_dim = int(head_dim * float(hf.get("partial_rotary_factor", 1.0)))
-        self.rotary = RotaryEmbedding.shared(head_dim, rotary_dim, cfg.max_model_len, rope_parameters(hf))
+        rope = rope_parameters(hf)
+        rotary_cls = MRotaryEmbedding if rope.get("mrope_section") else RotaryEmbedding  # Qwen2-VL's language model
+        self.rotary = rotary_cls.shared(head_dim, rotary_dim, cfg.max_model_len, rope)
         self.attn = Attention(layer_idx, self.num_heads, self.num_kv_heads, head_dim, head_dim**-0.5, window)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         qkv = self.qkv_proj(x)
-        if self.q_norm is None:
+        if self.q_norm is None and positions.dim() == 1:  # (3, T): M-RoPE positions, the unfused path
             rope = self.rotary
             o = self.attn.decode_fused_qkv(qkv, positions, rope.cos, rope.sin, rope.rotary_dim)
             if o is not None:

@@ -42,6 +42,8 @@ _REGISTRY: dict[str, tuple[str, str]] = {
     "Idefics3ForConditionalGeneration": ("loom.models.idefics3", "Idefics3ForConditionalGeneration"),
     "SmolVLMForConditionalGeneration": ("loom.models.idefics3", "Idefics3ForConditionalGeneration"),
     "Gemma3ForConditionalGeneration": ("loom.models.gemma3_vlm", "Gemma3ForConditionalGeneration"),
+    "Qwen2VLForConditionalGeneration": ("loom.models.qwen2_vl", "Qwen2VLForConditionalGeneration"),
+    "Qwen2_5_VLForConditionalGeneration": ("loom.models.qwen2_vl", "Qwen2_5_VLForConditionalGeneration"),
 }
 
 _FALLBACK = ("loom.models.transformers_fallback", "TransformersForCausalLM")

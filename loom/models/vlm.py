@@ -39,7 +39,11 @@ class VisionLanguageModel(nn.Module):
         super().__init__()
         self.config = cfg
         self.image_token_id = image_token_id
-        self.language_model = language_model_class(cfg)(cfg)
+        self.language_model = self.language_model_class(cfg)(cfg)
+
+    @staticmethod
+    def language_model_class(cfg: ModelConfig) -> type[nn.Module]:
+        return language_model_class(cfg)
 
     def encode_images(self, images: list[ImageInput]) -> list[torch.Tensor]:
         raise NotImplementedError

@@ -68,6 +68,8 @@ class _SeqState:
     draft_ids: list[int]  # the drafts the last step verified (a rank that does not sample learns from the next
     # plan's `start` how many were accepted)
     images: SeqImages | None = None  # a vision-language model's prompt images and their encoder cache
+    # M-RoPE (Qwen2-VL) with images: the prompt's (3, L) positions, and the offset of positions after the prompt
+    mrope: tuple[torch.Tensor, int] | None = None
 
 
 @dataclass(slots=True)
@@ -290,6 +292,8 @@ class ModelRunner:
                               generator, new.all_logits, [])
             if new.images:
                 state.images = SeqImages.of(new.images, new.token_ids, self.model.image_token_id)
+                if hasattr(self.model, "mrope_positions"):
+                    state.mrope = self.model.mrope_positions(new.num_prompt_tokens, new.images, state.images.positions)
             self.seqs[new.request_id] = state
             seqs.append(self._step_seq(new.request_id, state, new.token_ids[new.start : new.start + new.num_new]))
         for diff in plan.running:
@@ -332,8 +336,12 @@ class ModelRunner:
             first_row[s.request_id] = row
             row += len(s.token_ids)
         image_rows = self._image_rows(ordered, first_row)
+        model_positions = self._mrope_positions(ordered) if any(s.state.mrope for s in ordered) else positions
         with forward_context(ForwardContext(meta, self.kv_caches, self._lora_rows(ordered))):
-            hidden = self.model(ids, positions) if image_rows is None else self.model(ids, positions, image_rows)
+            if image_rows is None:
+                hidden = self.model(ids, model_positions)
+            else:
+                hidden = self.model(ids, model_positions, image_rows)
         if self.draft is not None:
             self.draft.mirror(ids, positions, meta)
         rows: list[int] = []
@@ -350,6 +358,23 @@ class ModelRunner:
             self._last_hidden = selected
         logits = self.model.compute_logits(selected)  # gathered to rank 0
         return None if logits is None else logits.float()
+
+    def _mrope_positions(self, seqs: list[_StepSeq]) -> torch.Tensor:
+        """(3, T) M-RoPE positions of the step's rows: a prompt with images from its table, every other position
+        (text-only prompts, generated tokens) its index plus the request's delta, the same on the three axes."""
+        parts = []
+        for s in seqs:
+            end = s.start + len(s.token_ids)
+            if s.state.mrope is None:
+                parts.append(torch.arange(s.start, end).expand(3, -1))
+                continue
+            table, delta = s.state.mrope
+            prompt_end = min(end, table.shape[1])
+            if s.start < prompt_end:
+                parts.append(table[:, s.start : prompt_end])
+            if end > max(s.start, prompt_end):
+                parts.append((torch.arange(max(s.start, prompt_end), end) + delta).expand(3, -1))
+        return torch.cat(parts, dim=1).to(self.device)
 
     def check_images(self, token_ids: list[int], images: list[ImageInput]) -> None:
         """Refuse (ValueError) images this model cannot take or that are misplaced in the prompt."""
