@@ -201,8 +201,8 @@ def _broken(moe_dir, tmp_path, family: str, **changes) -> Path:
 
 
 def test_unsupported_activation_is_a_clear_error(moe_dir, tmp_path):
-    with pytest.raises(ValueError, match="Unsupported activation 'quick_gelu'"):
-        LLM(_broken(moe_dir, tmp_path, "qwen3_moe", hidden_act="quick_gelu"), max_batch_total_tokens=256)
+    with pytest.raises(ValueError, match="Unsupported activation 'relu6'"):
+        LLM(_broken(moe_dir, tmp_path, "qwen3_moe", hidden_act="relu6"), max_batch_total_tokens=256)
 
 
 def test_more_experts_per_token_than_experts_is_a_clear_error(moe_dir, tmp_path):
