@@ -212,10 +212,10 @@ class EngineCore:
         vocab = self.model_config.vocab_size
         if any(not 0 <= t < vocab for t in prompt_token_ids):
             raise ValueError(f"token ids must be in [0, {vocab})")
-        self.runner.check_images(prompt_token_ids, images or [])
         max_new = resolve_max_new_tokens(params.max_new_tokens, len(prompt_token_ids), self.max_total_tokens)
         check_token_budget(len(prompt_token_ids), max_new, self.max_total_tokens)
         check_max_new_tokens(max_new)  # a prompt that fills the context leaves no room
+        self.runner.check_images(prompt_token_ids, images or [])
         request = Request(
             request_id, list(prompt_token_ids), params, max_new, self.eos_token_ids,
             prompt_logprobs=[None] if prompt_logprobs else None,
