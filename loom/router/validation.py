@@ -8,8 +8,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
+import msgspec
 from transformers import PreTrainedTokenizerBase
 
 from loom.protocol.multimodal import ImageInput
@@ -141,5 +142,5 @@ def _after_cut(images: list[ImageInput], cut: int) -> list[ImageInput]:
         if image.offset < cut:
             raise ValidationError(f"`truncate` cuts through an image: its tokens are at positions {image.offset} to "
                                   f"{image.end - 1} and the first {cut} tokens are dropped")
-        kept.append(replace(image, offset=image.offset - cut))
+        kept.append(msgspec.structs.replace(image, offset=image.offset - cut))
     return kept

@@ -140,3 +140,24 @@ def test_bad_images_are_422_with_tgi_messages(vlm_server, url, message):
     ok = requests.post(f"{vlm_server.url}/generate", timeout=60,
                        json={"inputs": "text only", "parameters": {"max_new_tokens": 2}})
     assert ok.status_code == 200
+
+
+def test_truncation_keeps_whole_images_and_a_literal_image_token_is_refused(vlm_server, offline):
+    from PIL import Image
+
+    def generate(inputs: str, **parameters):
+        return requests.post(f"{vlm_server.url}/generate", timeout=60, json={
+            "inputs": inputs, "parameters": {"max_new_tokens": 2, **parameters}})
+
+    text_after = " and then a long tail of words that follows the picture for a while, more and more words here"
+    image = Image.open(io.BytesIO(IMAGE)).convert("RGB")
+    prompt = offline._image_prompt(["Before ", image, text_after])
+    n, (placed,) = len(prompt.token_ids), prompt.images
+    # keeping only tokens after the image drops it whole; a cut inside its tokens is refused; before it, kept
+    assert generate(f"Before ![]({DATA_URL}){text_after}", truncate=n - placed.end).status_code == 200
+    through = generate(f"Before ![]({DATA_URL}){text_after}", truncate=n - placed.offset - 1)
+    assert through.status_code == 422 and "`truncate` cuts through an image" in through.json()["error"]
+    whole = generate(f"Before ![]({DATA_URL}){text_after}", truncate=n - placed.offset, details=True)
+    assert whole.status_code == 200, whole.text
+    literal = generate("a literal <image> token and no picture")
+    assert literal.status_code == 422 and "image tokens that belong to no image" in literal.json()["error"]
