@@ -12,6 +12,7 @@ Runs in a worker thread (CPU-bound, and the processor is not async).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,11 +49,15 @@ def _placeholder(processor: Any) -> str:
 def load_processor(model_dir: str | Path, hf_config: dict[str, Any]) -> Any:
     """The checkpoint's processor. Qwen2-VL's and Qwen2.5-VL's need torchvision for their video half, even for
     images; without it (Loom does not depend on torchvision), the same processor class without a video processor:
-    images and text still go through transformers' own processor code."""
+    images and text still go through transformers' own processor code. Likewise SmolVLM's, which also needs
+    num2words (for video prompts) to be built."""
     from transformers import AutoProcessor
-    from transformers.utils import is_torchvision_available
+    from transformers.utils import is_num2words_available, is_torchvision_available
 
-    if hf_config.get("model_type") not in ("qwen2_vl", "qwen2_5_vl") or is_torchvision_available():
+    model_type = hf_config.get("model_type")
+    if model_type == "smolvlm" and not (is_torchvision_available() and is_num2words_available()):
+        return _smolvlm_processor_without_video(Path(model_dir))
+    if model_type not in ("qwen2_vl", "qwen2_5_vl") or is_torchvision_available():
         return AutoProcessor.from_pretrained(str(model_dir))
     import transformers
 
@@ -69,6 +74,38 @@ def load_processor(model_dir: str | Path, hf_config: dict[str, Any]) -> Any:
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(model_dir))
     return ImageOnlyProcessor(image_processor=transformers.AutoImageProcessor.from_pretrained(str(model_dir)),
                               tokenizer=tokenizer, video_processor=None,
+                              chat_template=getattr(tokenizer, "chat_template", None))
+
+
+def _smolvlm_processor_without_video(model_dir: Path) -> Any:
+    import transformers
+    from transformers.models.smolvlm import processing_smolvlm
+
+    def num2words_missing(*args, **kwargs):
+        raise ImportError("SmolVLM's video prompts need the `num2words` package")
+
+    class ImageOnlyProcessor(transformers.SmolVLMProcessor):
+        def __init__(self, image_processor, tokenizer, image_seq_len: int = 169, chat_template=None):
+            # the parent's init refuses to run without num2words, which only its video prompts use
+            saved = processing_smolvlm.num2words
+            processing_smolvlm.num2words = saved or num2words_missing
+            try:
+                super().__init__(image_processor, tokenizer, None, image_seq_len=image_seq_len,
+                                 chat_template=chat_template)
+            finally:
+                processing_smolvlm.num2words = saved
+
+        def check_argument_for_proper_class(self, argument_name, argument):
+            if argument_name == "video_processor" and argument is None:
+                return None
+            return super().check_argument_for_proper_class(argument_name, argument)
+
+    ImageOnlyProcessor.__name__ = ImageOnlyProcessor.__qualname__ = "SmolVLMProcessor"
+    config_file = Path(model_dir) / "processor_config.json"
+    processor_config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(model_dir))
+    return ImageOnlyProcessor(image_processor=transformers.AutoImageProcessor.from_pretrained(str(model_dir)),
+                              tokenizer=tokenizer, image_seq_len=int(processor_config.get("image_seq_len", 169)),
                               chat_template=getattr(tokenizer, "chat_template", None))
 
 

@@ -4,9 +4,10 @@ Each family is saved by `save_pretrained`: `config.json`, `model.safetensors` (f
 5 writes; for CLIP/SigLIP towers that is `vision_tower.encoder...`, where Hub checkpoints have
 `vision_tower.vision_model.encoder...` -- transformers loads both), `generation_config.json`
 and a full processor (tokenizer + image processor + `processor_config.json` + `chat_template.jinja`), so that
-`AutoModelForImageTextToText.from_pretrained(dir)` and `AutoProcessor.from_pretrained(dir)` load it (Qwen2-VL and
-Qwen2.5-VL: see `load_processor`). Weights are random (seeded) with no constant tensors left (norm weights, biases
-and zero-initialised projections get noise too), so a loader that drops or mixes up any tensor changes the logits.
+`AutoModelForImageTextToText.from_pretrained(dir)` and `AutoProcessor.from_pretrained(dir)` load it (Qwen2-VL,
+Qwen2.5-VL and SmolVLM: see `load_processor`). Weights are random (seeded) with no constant tensors left (norm
+weights, biases and zero-initialised projections get noise too), so a loader that drops or mixes up any tensor changes
+the logits.
 
 The tokenizer is GPT-2's byte-level BPE (`loom/assets/gpt2`) with ids 50257/50258 = `<|im_start|>`/`<|im_end|>`
 (like `tiny_models`), followed by the family's special image tokens; `vocab_size` stays 50304.
@@ -26,7 +27,7 @@ import torch
 
 from loom.testing.tiny_models import GPT2_ASSETS, PADDED_VOCAB
 
-VLM_FAMILIES: tuple[str, ...] = ("llava", "llava_next", "idefics3", "qwen2_vl", "qwen2_5_vl", "gemma3")
+VLM_FAMILIES: tuple[str, ...] = ("llava", "llava_next", "idefics3", "smolvlm", "qwen2_vl", "qwen2_5_vl", "gemma3")
 
 BOS = "<|endoftext|>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
@@ -49,6 +50,7 @@ FAMILY_TOKENS: dict[str, list[str]] = {
     "llava": ["<image>"],
     "llava_next": ["<image>"],
     "idefics3": ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>", *_IDEFICS3_ROW_COL],
+    "smolvlm": ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>", *_IDEFICS3_ROW_COL],
     "qwen2_vl": ["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"],
     "qwen2_5_vl": ["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"],
     "gemma3": ["<start_of_image>", "<end_of_image>", "<image_soft_token>"],
@@ -58,6 +60,9 @@ _NAMED_TOKENS: dict[str, dict[str, str]] = {
     "llava": {"image_token": "<image>"},
     "llava_next": {"image_token": "<image>"},
     "idefics3": {},
+    # SmolVLM's processor reads its tokens from the tokenizer (as SmolVLM2's tokenizer_config.json names them)
+    "smolvlm": {"image_token": "<image>", "fake_image_token": "<fake_token_around_image>",
+                "global_image_token": "<global-img>", "end_of_utterance_token": "<end_of_utterance>"},
     "qwen2_vl": {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
     "qwen2_5_vl": {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
     "gemma3": {"image_token": "<image_soft_token>", "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>"},
@@ -151,6 +156,26 @@ def _idefics3(tok, template: str):
     return config, processor, T.Idefics3ForConditionalGeneration
 
 
+def _smolvlm(tok, template: str):
+    """Idefics3's architecture under SmolVLM's classes, at the idefics3 family's sizes (4 tokens per 32x32 tile)."""
+    import transformers as T
+
+    vision = T.SmolVLMVisionConfig(**_VISION, initializer_range=INIT_STD)
+    text = T.LlamaConfig(**_TEXT, bos_token_id=50256, eos_token_id=token_id("smolvlm", IM_END), pad_token_id=50256)
+    scale_factor = 2
+    image_seq_len = ((32 // 8) ** 2) // scale_factor**2
+    config = T.SmolVLMConfig(vision_config=vision, text_config=text, scale_factor=scale_factor,
+                             image_token_id=tok.convert_tokens_to_ids("<image>"), tie_word_embeddings=False,
+                             pad_token_id=50256)
+    image_processor = T.SmolVLMImageProcessorPil(
+        size={"longest_edge": 64}, max_image_size={"longest_edge": 32}, do_image_splitting=True)
+    # SmolVLMProcessor cannot be built here: its video processor needs torchvision and its init requires num2words
+    # (for video prompts). So it is a plain record, written by `_save_processor_record` (see `load_processor`).
+    processor = {"processor_class": "SmolVLMProcessor", "image_processor": image_processor, "tokenizer": tok,
+                 "chat_template": template, "kwargs": {"image_seq_len": image_seq_len}}
+    return config, processor, T.SmolVLMForConditionalGeneration
+
+
 def _qwen2_vl(tok, template: str, v25: bool):
     import transformers as T
 
@@ -178,21 +203,24 @@ def _qwen2_vl(tok, template: str, v25: bool):
     image_processor = T.Qwen2VLImageProcessorPil(
         min_pixels=16 * 16 * 4, max_pixels=16 * 16 * 64, patch_size=8, temporal_patch_size=2, merge_size=2)
     # Without torchvision, transformers can neither build nor save a Qwen2-VL processor (its video processor needs
-    # torchvision), so the processor is a plain record here, written by `_save_qwen_processor`.
+    # torchvision), so the processor is a plain record here, written by `_save_processor_record`.
     processor = {"processor_class": proc_cls.__name__, "image_processor": image_processor, "tokenizer": tok,
                  "chat_template": template}
     return config, processor, cls
 
 
-def _save_qwen_processor(processor: dict, out: Path) -> None:
-    """Write the files `Qwen2VLProcessor.save_pretrained` writes (processor_config.json with the image processor
-    and a matching video processor nested, the tokenizer, chat_template.jinja), without needing torchvision."""
+def _save_processor_record(processor: dict, out: Path) -> None:
+    """Write the files `save_pretrained` writes for a processor transformers cannot build without torchvision
+    (processor_config.json with the image processor nested -- for Qwen2-VL and Qwen2.5-VL with a matching video
+    processor --, the processor's own arguments, the tokenizer, chat_template.jinja)."""
     image = processor["image_processor"].to_dict()
-    image["image_processor_type"] = "Qwen2VLImageProcessor"
-    video = {"video_processor_type": "Qwen2VLVideoProcessor", "size": dict(image["size"]),
-             **{k: image[k] for k in ("patch_size", "temporal_patch_size", "merge_size", "image_mean", "image_std",
-                                      "do_rescale", "rescale_factor", "do_normalize", "do_convert_rgb", "resample")}}
-    cfg = {"image_processor": image, "video_processor": video, "processor_class": processor["processor_class"]}
+    cfg = {"image_processor": image, "processor_class": processor["processor_class"], **processor.get("kwargs", {})}
+    if processor["processor_class"].startswith("Qwen"):
+        image["image_processor_type"] = "Qwen2VLImageProcessor"
+        cfg["video_processor"] = {
+            "video_processor_type": "Qwen2VLVideoProcessor", "size": dict(image["size"]),
+            **{k: image[k] for k in ("patch_size", "temporal_patch_size", "merge_size", "image_mean", "image_std",
+                                     "do_rescale", "rescale_factor", "do_normalize", "do_convert_rgb", "resample")}}
     (out / "processor_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     processor["tokenizer"]._set_processor_class(processor["processor_class"])
     processor["tokenizer"].save_pretrained(str(out))
@@ -226,6 +254,7 @@ _PLACEHOLDERS = {
     "llava": "<image>",
     "llava_next": "<image>",
     "idefics3": "<image>",
+    "smolvlm": "<image>",
     "qwen2_vl": "<|vision_start|><|image_pad|><|vision_end|>",
     "qwen2_5_vl": "<|vision_start|><|image_pad|><|vision_end|>",
     "gemma3": "<start_of_image>",
@@ -273,6 +302,8 @@ def build_tiny_vlm(family: str, out_dir: str | Path, seed: int = 0) -> Path:
         config, processor, cls = _llava(tok, template, next_=family == "llava_next")
     elif family == "idefics3":
         config, processor, cls = _idefics3(tok, template)
+    elif family == "smolvlm":
+        config, processor, cls = _smolvlm(tok, template)
     elif family in ("qwen2_vl", "qwen2_5_vl"):
         config, processor, cls = _qwen2_vl(tok, template, v25=family == "qwen2_5_vl")
     else:
@@ -285,7 +316,7 @@ def build_tiny_vlm(family: str, out_dir: str | Path, seed: int = 0) -> Path:
     _randomise(model, seed)
     model.save_pretrained(str(out), safe_serialization=True)
     if isinstance(processor, dict):
-        _save_qwen_processor(processor, out)
+        _save_processor_record(processor, out)
     else:
         processor.save_pretrained(str(out))
     eos = tok.convert_tokens_to_ids(IM_END)
@@ -295,8 +326,8 @@ def build_tiny_vlm(family: str, out_dir: str | Path, seed: int = 0) -> Path:
 
 
 _IMAGE_TOKEN = {
-    "llava": "<image>", "llava_next": "<image>", "idefics3": "<image>", "qwen2_vl": "<|image_pad|>",
-    "qwen2_5_vl": "<|image_pad|>", "gemma3": "<image_soft_token>",
+    "llava": "<image>", "llava_next": "<image>", "idefics3": "<image>", "smolvlm": "<image>",
+    "qwen2_vl": "<|image_pad|>", "qwen2_5_vl": "<|image_pad|>", "gemma3": "<image_soft_token>",
 }
 
 
@@ -347,14 +378,17 @@ class HFReference:
 def load_processor(model_dir: str | Path):
     """`AutoProcessor.from_pretrained(model_dir)`; for Qwen2-VL / Qwen2.5-VL without torchvision (which their
     video processor needs, so AutoProcessor fails), the same processor class with no video processor: images and
-    text then go through transformers' own processor code unchanged."""
+    text then go through transformers' own processor code unchanged. Likewise SmolVLM, whose processor also needs
+    num2words (for video prompts) to be built."""
     from transformers import AutoProcessor
-    from transformers.utils import is_torchvision_available
+    from transformers.utils import is_num2words_available, is_torchvision_available
 
     model_type = json.loads((Path(model_dir) / "config.json").read_text())["model_type"]
-    if model_type not in ("qwen2_vl", "qwen2_5_vl") or is_torchvision_available():
-        return AutoProcessor.from_pretrained(str(model_dir))
-    return _qwen_processor_without_video(Path(model_dir), model_type)
+    if model_type in ("qwen2_vl", "qwen2_5_vl") and not is_torchvision_available():
+        return _qwen_processor_without_video(Path(model_dir), model_type)
+    if model_type == "smolvlm" and not (is_torchvision_available() and is_num2words_available()):
+        return _smolvlm_processor_without_video(Path(model_dir))
+    return AutoProcessor.from_pretrained(str(model_dir))
 
 
 def _qwen_processor_without_video(model_dir: Path, model_type: str):
@@ -377,6 +411,39 @@ def _qwen_processor_without_video(model_dir: Path, model_type: str):
     template = template_file.read_text() if template_file.is_file() else None
     return NoVideoProcessor(image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
                             chat_template=template)
+
+
+def _smolvlm_processor_without_video(model_dir: Path):
+    import transformers as T
+    from transformers.models.smolvlm import processing_smolvlm
+
+    def num2words_missing(*args, **kwargs):
+        raise ImportError("SmolVLM's video prompts need the `num2words` package")
+
+    class NoVideoProcessor(T.SmolVLMProcessor):
+        def __init__(self, image_processor, tokenizer, image_seq_len: int = 169, chat_template=None):
+            # the parent's init refuses to run without num2words, which only its video prompts use
+            saved = processing_smolvlm.num2words
+            processing_smolvlm.num2words = saved or num2words_missing
+            try:
+                super().__init__(image_processor, tokenizer, None, image_seq_len=image_seq_len,
+                                 chat_template=chat_template)
+            finally:
+                processing_smolvlm.num2words = saved
+
+        def check_argument_for_proper_class(self, argument_name, argument):
+            if argument_name == "video_processor" and argument is None:
+                return None
+            return super().check_argument_for_proper_class(argument_name, argument)
+
+    NoVideoProcessor.__name__ = NoVideoProcessor.__qualname__ = "SmolVLMProcessor"
+    cfg = json.loads((model_dir / "processor_config.json").read_text())
+    image_cfg = {k: v for k, v in cfg["image_processor"].items() if k != "image_processor_type"}
+    template_file = model_dir / "chat_template.jinja"
+    return NoVideoProcessor(image_processor=T.SmolVLMImageProcessorPil(**image_cfg),
+                            tokenizer=T.AutoTokenizer.from_pretrained(str(model_dir)),
+                            image_seq_len=int(cfg["image_seq_len"]),
+                            chat_template=template_file.read_text() if template_file.is_file() else None)
 
 
 def load_hf(model_dir: str | Path):

@@ -26,13 +26,15 @@ EXPECTED_IMAGE_TOKENS = {
     "llava": {(40, 30): 16, (64, 48): 16, (30, 70): 16},  # resize + centre crop to 32x32: 4x4 patches, CLS dropped
     "llava_next": {(40, 30): 44, (64, 48): 70, (30, 70): 56},  # anyres: base 16 + unpadded grid + newlines
     "idefics3": {(40, 30): 20, (64, 48): 20, (30, 70): 12},  # (rows*cols + 1 global) tiles x 4 tokens
+    "smolvlm": {(40, 30): 20, (64, 48): 20, (30, 70): 12},  # the same tiling as idefics3
     "qwen2_vl": {(40, 30): 4, (64, 48): 12, (30, 70): 8},  # (h/16)*(w/16) after smart_resize to multiples of 16
     "qwen2_5_vl": {(40, 30): 4, (64, 48): 12, (30, 70): 8},
     "gemma3": {(40, 30): 4, (64, 48): 4, (30, 70): 4},  # fixed mm_tokens_per_image
 }
 MODEL_CLASSES = {
     "llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration",
-    "idefics3": "Idefics3ForConditionalGeneration", "qwen2_vl": "Qwen2VLForConditionalGeneration",
+    "idefics3": "Idefics3ForConditionalGeneration", "smolvlm": "SmolVLMForConditionalGeneration",
+    "qwen2_vl": "Qwen2VLForConditionalGeneration",
     "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "gemma3": "Gemma3ForConditionalGeneration",
 }
 NEW_TOKENS = 4

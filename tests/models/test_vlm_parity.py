@@ -15,7 +15,7 @@ from loom.protocol.plan import NewSeq, RunningSeq, StepPlan
 from loom.testing.vlm_checkpoints import build_tiny_vlm, hf_reference, load_hf, test_image as make_image
 from loom.worker.runner import ModelRunner
 
-FAMILIES = ("llava", "llava_next", "idefics3", "gemma3", "qwen2_vl", "qwen2_5_vl")
+FAMILIES = ("llava", "llava_next", "idefics3", "smolvlm", "gemma3", "qwen2_vl", "qwen2_5_vl")
 BLOCK = 16
 
 
