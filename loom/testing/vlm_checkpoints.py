@@ -376,74 +376,13 @@ class HFReference:
 
 
 def load_processor(model_dir: str | Path):
-    """`AutoProcessor.from_pretrained(model_dir)`; for Qwen2-VL / Qwen2.5-VL without torchvision (which their
-    video processor needs, so AutoProcessor fails), the same processor class with no video processor: images and
-    text then go through transformers' own processor code unchanged. Likewise SmolVLM, whose processor also needs
-    num2words (for video prompts) to be built."""
-    from transformers import AutoProcessor
-    from transformers.utils import is_num2words_available, is_torchvision_available
+    """The checkpoint's processor as Loom's router loads it (`loom.multimodal.load_processor`: AutoProcessor, or,
+    for Qwen2-VL / SmolVLM without torchvision or num2words, the same processor class without its video half).
+    The oracle's prompt ids and pixels come from it too: what the tests compare is the model, given the same
+    processor outputs."""
+    from loom.multimodal import load_processor as loom_load_processor
 
-    model_type = json.loads((Path(model_dir) / "config.json").read_text())["model_type"]
-    if model_type in ("qwen2_vl", "qwen2_5_vl") and not is_torchvision_available():
-        return _qwen_processor_without_video(Path(model_dir), model_type)
-    if model_type == "smolvlm" and not (is_torchvision_available() and is_num2words_available()):
-        return _smolvlm_processor_without_video(Path(model_dir))
-    return AutoProcessor.from_pretrained(str(model_dir))
-
-
-def _qwen_processor_without_video(model_dir: Path, model_type: str):
-    import transformers as T
-
-    base = T.Qwen2_5_VLProcessor if model_type == "qwen2_5_vl" else T.Qwen2VLProcessor
-
-    class NoVideoProcessor(base):  # the parent's init checks video_processor against a torchvision-only class
-        def check_argument_for_proper_class(self, argument_name, argument):
-            if argument_name == "video_processor" and argument is None:
-                return None
-            return super().check_argument_for_proper_class(argument_name, argument)
-
-    NoVideoProcessor.__name__ = NoVideoProcessor.__qualname__ = base.__name__
-    cfg = json.loads((model_dir / "processor_config.json").read_text())
-    image_cfg = {k: v for k, v in cfg["image_processor"].items() if k != "image_processor_type"}
-    image_processor = T.Qwen2VLImageProcessorPil(**image_cfg)
-    tokenizer = T.AutoTokenizer.from_pretrained(str(model_dir))
-    template_file = model_dir / "chat_template.jinja"
-    template = template_file.read_text() if template_file.is_file() else None
-    return NoVideoProcessor(image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
-                            chat_template=template)
-
-
-def _smolvlm_processor_without_video(model_dir: Path):
-    import transformers as T
-    from transformers.models.smolvlm import processing_smolvlm
-
-    def num2words_missing(*args, **kwargs):
-        raise ImportError("SmolVLM's video prompts need the `num2words` package")
-
-    class NoVideoProcessor(T.SmolVLMProcessor):
-        def __init__(self, image_processor, tokenizer, image_seq_len: int = 169, chat_template=None):
-            # the parent's init refuses to run without num2words, which only its video prompts use
-            saved = processing_smolvlm.num2words
-            processing_smolvlm.num2words = saved or num2words_missing
-            try:
-                super().__init__(image_processor, tokenizer, None, image_seq_len=image_seq_len,
-                                 chat_template=chat_template)
-            finally:
-                processing_smolvlm.num2words = saved
-
-        def check_argument_for_proper_class(self, argument_name, argument):
-            if argument_name == "video_processor" and argument is None:
-                return None
-            return super().check_argument_for_proper_class(argument_name, argument)
-
-    NoVideoProcessor.__name__ = NoVideoProcessor.__qualname__ = "SmolVLMProcessor"
-    cfg = json.loads((model_dir / "processor_config.json").read_text())
-    image_cfg = {k: v for k, v in cfg["image_processor"].items() if k != "image_processor_type"}
-    template_file = model_dir / "chat_template.jinja"
-    return NoVideoProcessor(image_processor=T.SmolVLMImageProcessorPil(**image_cfg),
-                            tokenizer=T.AutoTokenizer.from_pretrained(str(model_dir)),
-                            image_seq_len=int(cfg["image_seq_len"]),
-                            chat_template=template_file.read_text() if template_file.is_file() else None)
+    return loom_load_processor(model_dir, json.loads((Path(model_dir) / "config.json").read_text()))
 
 
 def load_hf(model_dir: str | Path):
