@@ -122,37 +122,73 @@ class ImagePromptBuilder:
         assert token is not None
         self.image_token_id = token
         self.placeholder = _placeholder(self.processor)
+        self._placeholder_ids = self.processor.tokenizer(self.placeholder, add_special_tokens=False)["input_ids"]
 
     def build(self, pieces: list[Any], add_special_tokens: bool = True) -> ImagePrompt:
         """`pieces`: text (str) and images (PIL images), in prompt order. Raises ValueError for a prompt the
         processor refuses (say, a literal image token in the text with no image for it)."""
         images = [p for p in pieces if not isinstance(p, str)]
         text = "".join(p if isinstance(p, str) else self.placeholder for p in pieces)
-        try:
-            whole = self.processor(text=[text], images=[images] if images else None, return_tensors="pt",
-                                   add_special_tokens=add_special_tokens)
-        except ValueError:
-            raise
-        except Exception as err:  # the processor's own checks raise assorted types
-            raise ValueError(str(err)) from err
-        ids = whole["input_ids"][0].tolist()
         if not images:
+            ids = self._process(text=[text], add_special_tokens=add_special_tokens)["input_ids"][0].tolist()
             if self.image_token_id in ids:
                 raise ValueError("the prompt has image tokens but no image")
             return ImagePrompt(ids, [])
+        alone = [self._process(text=[self.placeholder], images=[[image]], add_special_tokens=False)
+                 for image in images]
+        expansions = [a["input_ids"][0].tolist() for a in alone]
+        ids = self._spliced(text, expansions, add_special_tokens)
+        if ids is None:  # the processor on the whole prompt: each image processed a second time
+            ids = self._process(text=[text], images=[images],
+                                add_special_tokens=add_special_tokens)["input_ids"][0].tolist()
         placed = []
         positions = [i for i, t in enumerate(ids) if t == self.image_token_id]
         used = 0
-        for image in images:
-            alone = self.processor(text=[self.placeholder], images=[[image]], return_tensors="pt",
-                                   add_special_tokens=False)
-            n = int((alone["input_ids"][0] == self.image_token_id).sum())
+        for one, expansion in zip(alone, expansions):
+            n = sum(1 for t in expansion if t == self.image_token_id)
             mine = positions[used : used + n]
             if n == 0 or len(mine) < n:
                 raise ValueError("the prompt's image tokens do not match its images")
             used += n
-            tensors = {k: v for k, v in alone.items() if k not in _TEXT_KEYS and isinstance(v, torch.Tensor)}
+            tensors = {k: v for k, v in one.items() if k not in _TEXT_KEYS and isinstance(v, torch.Tensor)}
             placed.append(image_input(mine[0], mine[-1] + 1 - mine[0], n, tensors))
         if used != len(positions):
             raise ValueError("the prompt has image tokens that belong to no image")
         return ImagePrompt(ids, placed)
+
+    def _process(self, **kwargs: Any) -> Any:
+        try:
+            return self.processor(return_tensors="pt", **kwargs)
+        except ValueError:
+            raise
+        except Exception as err:  # the processor's own checks raise assorted types
+            raise ValueError(str(err)) from err
+
+    def _spliced(self, text: str, expansions: list[list[int]], add_special_tokens: bool) -> list[int] | None:
+        """The prompt's ids without processing its images again: the text tokenized with the placeholders, each
+        placeholder's ids then replaced by its image's expansion. Exact when every expansion starts and ends with
+        a special token: the tokenizer splits text at special tokens, so the text around an expansion tokenizes as
+        it does around the placeholder. None for a family whose expansion has plain text at an end (Gemma 3's
+        newlines merge with the text next to them)."""
+        added, marker = self.processor.tokenizer.added_tokens_decoder, self._placeholder_ids
+
+        def strips(first: int, last: int) -> tuple[bool, bool]:  # how the tokens eat whitespace next to them
+            return bool(getattr(added[first], "lstrip", False)), bool(getattr(added[last], "rstrip", False))
+
+        if not marker or marker[0] not in added or marker[-1] not in added:
+            return None
+        for e in expansions:
+            if not e or e[0] not in added or e[-1] not in added or strips(e[0], e[-1]) != strips(marker[0], marker[-1]):
+                return None
+        ids = self.processor.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+        out, at, k = [], 0, 0
+        while at < len(ids):
+            if ids[at : at + len(marker)] == marker:
+                if k == len(expansions):
+                    raise ValueError("the prompt has image tokens that belong to no image")
+                out.extend(expansions[k])
+                k, at = k + 1, at + len(marker)
+            else:
+                out.append(ids[at])
+                at += 1
+        return out if k == len(expansions) else None

@@ -143,3 +143,17 @@ def test_scheduler_never_ends_a_chunk_inside_an_image_that_attends_both_ways():
     assert chunks(12, whole=False) == [12, 12, 12, 4]
     assert chunks(12, whole=True) == [10, 12, 12, 6]  # ends before the image, then takes it whole
     assert chunks(4, whole=True) == [4, 4, 2, 6, 4, 4, 4, 4, 4, 4]  # the image past the budget of 4
+
+
+def test_prompt_ids_equal_the_processor_on_the_whole_prompt(family):
+    """The builder tokenizes the text once and splices each image's expansion in (for families whose expansion is
+    bounded by special tokens), instead of processing every image twice: the ids must be the processor's own."""
+    name, path, _, processor = family
+    builder = ImagePromptBuilder(path, ModelConfig.from_dir(path, "float32").hf_config)
+    a, b = make_image(40, 30, seed=1), make_image(64, 48, seed=2)
+    cases = [[a], [a, b], [" lead", a, "  two  spaces ", b, "\n\nend\n"], [a, "\n", b],
+             ["<|im_start|>user\n", a, "hi<|im_end|>\n"]]
+    for pieces in cases:
+        images = [p for p in pieces if not isinstance(p, str)]
+        whole = processor(text=[_text(builder, pieces)], images=[images], return_tensors="pt")
+        assert builder.build(pieces).token_ids == whole["input_ids"][0].tolist(), (name, pieces)
