@@ -51,6 +51,10 @@ def normalise_hf_config(hf: dict[str, Any]) -> dict[str, Any]:
     if isinstance(text, dict) and "vision_config" in hf:
         out.update({k: v for k, v in text.items() if k not in ("model_type", "architectures")})
         out["text_model_type"] = text.get("model_type")
+        if hf.get("model_type") == "paligemma" and "max_position_embeddings" not in text:
+            # PaliGemma's text configs on the Hub leave it out, and transformers' Gemma and Gemma 2 then read 8192
+            # (not Loom's 4096 fallback, which a 896-pixel PaliGemma's 4096 image tokens alone fill)
+            out["max_position_embeddings"] = 8192
     for name, aliases in _ALIASES.items():
         if name not in out:
             for alias in aliases:

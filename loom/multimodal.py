@@ -170,15 +170,23 @@ class ImagePromptBuilder:
         a special token: the tokenizer splits text at special tokens, so the text around an expansion tokenizes as
         it does around the placeholder. None for a family whose expansion has plain text at an end (Gemma 3's
         newlines merge with the text next to them)."""
+        if type(self.processor).__name__.startswith("PaliGemma"):
+            # its processor also writes the prompt's BOS after the last image and "\n" at its end: one image's
+            # expansion carries both, and is bounded by added tokens whenever the tokenizer has "\n" as one
+            return None
         added, marker = self.processor.tokenizer.added_tokens_decoder, self._placeholder_ids
 
         def strips(first: int, last: int) -> tuple[bool, bool]:  # how the tokens eat whitespace next to them
             return bool(getattr(added[first], "lstrip", False)), bool(getattr(added[last], "rstrip", False))
 
-        if not marker or marker[0] not in added or marker[-1] not in added:
+        def special(token: int) -> bool:  # a special added token: no text next to it can merge into it (an added
+            # "\n\n", as Gemma's tokenizer may have, could take a newline of the text and leave another)
+            return token in added and bool(getattr(added[token], "special", False))
+
+        if not marker or not special(marker[0]) or not special(marker[-1]):
             return None
         for e in expansions:
-            if not e or e[0] not in added or e[-1] not in added or strips(e[0], e[-1]) != strips(marker[0], marker[-1]):
+            if not e or not special(e[0]) or not special(e[-1]) or strips(e[0], e[-1]) != strips(marker[0], marker[-1]):
                 return None
         ids = self.processor.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
         out, at, k = [], 0, 0

@@ -150,6 +150,7 @@ class EngineCore:
         self.speculator = self._speculator(device) if config.speculate > 0 else None
         self.scheduler = Scheduler(config, self.kv, self.speculator)
         self.scheduler.whole_images = bool(getattr(self.runner.model, "bidirectional_images", False))
+        self.scheduler.whole_prompts = bool(getattr(self.runner.model, "bidirectional_prompt", False))
         self.last_forward_seconds = 0.0  # the latest step's forward pass (the engine server reports it)
         self.grammar = GrammarGuide(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
         logger.info(

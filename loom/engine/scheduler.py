@@ -23,7 +23,7 @@ from loom.engine.kv.kv_manager import KVCacheManager
 from loom.engine.request import FinishReason, Request, RequestStatus
 from loom.engine.speculation import DraftCandidate, Speculator
 from loom.grammar.guide import GrammarGuide
-from loom.protocol.multimodal import block_extras
+from loom.protocol.multimodal import block_extras, whole_prompt_extras
 from loom.protocol.outputs import failure_message
 from loom.protocol.plan import NewSeq, PromptScores, RunningSeq, StepPlan, StepResult
 
@@ -78,13 +78,18 @@ class Scheduler:
         self._runner_drops: list[str] = []
         # the model's image tokens attend to each other both ways (Gemma 3): no prompt chunk ends inside an image
         self.whole_images = False
+        # the model's prompt tokens attend to each other both ways (PaliGemma): a prompt is computed in one step,
+        # and its blocks are cached under the whole prompt (a block's K/V depend on the tokens after it)
+        self.whole_prompts = False
 
     def add(self, request: Request) -> None:
         if request.request_id in self.requests:
             raise ValueError(f"duplicate request id {request.request_id!r}")
-        if request.images:
-            request.block_extras = block_extras(request.images, self.kv.block_size,
-                                                self.kv.blocks_needed(request.num_prompt_tokens))
+        num_blocks = self.kv.blocks_needed(request.num_prompt_tokens)
+        if self.whole_prompts:
+            request.block_extras = whole_prompt_extras(request.token_ids, request.images, num_blocks)
+        elif request.images:
+            request.block_extras = block_extras(request.images, self.kv.block_size, num_blocks)
         self.requests[request.request_id] = request
         self.waiting.append(request)
 
@@ -156,11 +161,15 @@ class Scheduler:
     def _chunk(self, request: Request, start: int, budget: int) -> int:
         """Positions of `request` to compute from `start` within `budget`. For a model whose image tokens attend
         to each other both ways (`whole_images`), a prompt chunk never ends inside an image: it ends before the
-        image, or, when the image starts the chunk, takes the whole image even past the budget."""
+        image, or, when the image starts the chunk, takes the whole image even past the budget. For a model whose
+        prompt does (`whole_prompts`), a chunk never ends inside the prompt: it takes the rest of the prompt even
+        past the budget."""
         n = min(request.num_tokens - start, budget)
+        end = start + n
+        if self.whole_prompts and end < request.num_prompt_tokens:
+            return request.num_prompt_tokens - start
         if not self.whole_images:
             return n
-        end = start + n
         for image in request.images:
             if image.offset < end < image.end:
                 return image.offset - start if image.offset > start else image.end - start

@@ -166,11 +166,15 @@ class Attention(nn.Module):
         q_pos = torch.arange(span.ctx_len - span.q_len, span.ctx_len).unsqueeze(1)  # (q_len, 1)
         k_pos = torch.arange(span.ctx_len).unsqueeze(0)  # (1, ctx_len)
         mask = k_pos <= q_pos
+        both = torch.zeros_like(mask)
         for a, b in span.bidirectional:  # both ways within the range (transformers: OR(causal, block))
-            mask |= (q_pos >= a) & (q_pos < b) & (k_pos >= a) & (k_pos < b)
+            both |= (q_pos >= a) & (q_pos < b) & (k_pos >= a) & (k_pos < b)
         if self.sliding_window is not None:
-            mask &= k_pos > q_pos - self.sliding_window
-        return mask
+            inside = k_pos > q_pos - self.sliding_window
+            mask &= inside
+            if span.window_bounds_bidirectional:
+                both &= inside
+        return mask | both
 
     def _prefill_softcapped(
         self, qh: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor, span: PrefillSpan

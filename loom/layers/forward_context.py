@@ -27,9 +27,12 @@ class PrefillSpan:
     q_len: int
     ctx_len: int  # tokens in the cache once this step's K/V are written
     slots: torch.Tensor  # (ctx_len,) flat KV slots of positions 0..ctx_len-1
-    # position ranges [a, b) whose tokens attend to each other both ways (Gemma 3's image tokens), each with all
-    # of its positions computed by this step or before it
+    # position ranges [a, b) whose tokens attend to each other both ways (Gemma 3's image tokens, PaliGemma's
+    # whole prompt), each with all of its positions computed by this step or before it
     bidirectional: list[tuple[int, int]] = field(default_factory=list)
+    # a sliding-window layer's window bounds the ranges too (Gemma 3: AND(window, OR(causal, block))); False: the
+    # ranges are open past it (PaliGemma: transformers ORs the prefix block into the sliding-window mask)
+    window_bounds_bidirectional: bool = True
 
 
 @dataclass(slots=True)

@@ -1,4 +1,5 @@
-"""Gemma 2 decoder, and the Gemma skeleton that Gemma 3 (loom/models/gemma3.py) reuses.
+"""Gemma 2 decoder, and the Gemma skeleton that Gemma (loom/models/gemma.py) and Gemma 3 (loom/models/gemma3.py)
+reuse.
 
 What sets Gemma apart from Llama: embeddings scaled by sqrt(hidden) in the activation dtype; GemmaRMSNorm
 (scale 1 + weight) before *and after* both attention and the MLP; a gated GELU-tanh MLP; attention scaled by
@@ -9,6 +10,7 @@ tanh soft-capping of the final logits; tied embeddings.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -31,9 +33,19 @@ def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
     return x if cap is None else torch.tanh(x / cap) * cap
 
 
+@dataclass(frozen=True)
+class GemmaVariant:
+    """What a Gemma generation sets in every layer (the model class's hooks decide it)."""
+
+    attn_softcap: float | None  # tanh cap of the attention scores
+    qk_norm: bool  # GemmaRMSNorm over each head of q and k
+    attn_scale: float  # the attention scores' scale
+    activation: str  # the gated MLP's activation
+    sandwich_norms: bool  # norms before and after attention and the MLP (Gemma 2/3); Gemma: before each only
+
+
 class GemmaAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int, window: int | None, attn_softcap: float | None,
-                 qk_norm: bool):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, window: int | None, variant: GemmaVariant):
         super().__init__()
         hf, tp = cfg.hf_config, get_tp_group()
         hidden, head_dim = int(hf["hidden_size"]), cfg.head_dim
@@ -44,10 +56,10 @@ class GemmaAttention(nn.Module):
         self.qkv_proj = QKVParallelLinear(hidden, head_dim, cfg.num_attention_heads, cfg.num_kv_heads, bias=bias)
         self.o_proj = RowParallelLinear(cfg.num_attention_heads * head_dim, hidden, bias=bias)
         eps = float(hf.get("rms_norm_eps", 1e-6))
-        self.q_norm = GemmaRMSNorm(head_dim, eps) if qk_norm else None
-        self.k_norm = GemmaRMSNorm(head_dim, eps) if qk_norm else None
-        scale = float(hf.get("query_pre_attn_scalar", 256)) ** -0.5
-        self.attn = Attention(layer_idx, self.num_heads, self.num_kv_heads, head_dim, scale, window, attn_softcap)
+        self.q_norm = GemmaRMSNorm(head_dim, eps) if variant.qk_norm else None
+        self.k_norm = GemmaRMSNorm(head_dim, eps) if variant.qk_norm else None
+        self.attn = Attention(layer_idx, self.num_heads, self.num_kv_heads, head_dim, variant.attn_scale, window,
+                              variant.attn_softcap)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, rotary: RotaryEmbedding) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split([self.qkv_proj.q_size, self.qkv_proj.kv_size, self.qkv_proj.kv_size], -1)
@@ -62,10 +74,9 @@ class GemmaAttention(nn.Module):
 
 
 class GemmaMLP(nn.Module):
-    def __init__(self, hf: dict[str, Any]):
+    def __init__(self, hf: dict[str, Any], activation: str):
         super().__init__()
-        # NOTE: transformers reads only `hidden_activation` (old configs' `hidden_act` is ignored), default gelu-tanh
-        self.act = get_activation(hf.get("hidden_activation") or "gelu_pytorch_tanh")
+        self.act = get_activation(activation)
         hidden, inter = int(hf["hidden_size"]), int(hf["intermediate_size"])
         self.gate_up_proj = ColumnParallelLinear(hidden, [inter, inter])
         self.down_proj = RowParallelLinear(inter, hidden)
@@ -76,18 +87,26 @@ class GemmaMLP(nn.Module):
 
 
 class GemmaDecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int, window: int | None, attn_softcap: float | None,
-                 qk_norm: bool):
+    """Gemma 2/3: x + post_attn(attn(input(x))), then x + post_ff(mlp(pre_ff(x))). Gemma (no sandwich norms):
+    x + attn(input(x)), then x + mlp(post_attention_layernorm(x)) -- its checkpoints' name for the norm before
+    the MLP."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int, window: int | None, variant: GemmaVariant):
         super().__init__()
         hidden, eps = int(cfg.get("hidden_size")), float(cfg.get("rms_norm_eps", 1e-6))
-        self.self_attn = GemmaAttention(cfg, layer_idx, window, attn_softcap, qk_norm)
-        self.mlp = GemmaMLP(cfg.hf_config)
+        self.self_attn = GemmaAttention(cfg, layer_idx, window, variant)
+        self.mlp = GemmaMLP(cfg.hf_config, variant.activation)
+        self.sandwich_norms = variant.sandwich_norms
         self.input_layernorm = GemmaRMSNorm(hidden, eps)
         self.post_attention_layernorm = GemmaRMSNorm(hidden, eps)
-        self.pre_feedforward_layernorm = GemmaRMSNorm(hidden, eps)
-        self.post_feedforward_layernorm = GemmaRMSNorm(hidden, eps)
+        if self.sandwich_norms:
+            self.pre_feedforward_layernorm = GemmaRMSNorm(hidden, eps)
+            self.post_feedforward_layernorm = GemmaRMSNorm(hidden, eps)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, rotary: RotaryEmbedding) -> torch.Tensor:
+        if not self.sandwich_norms:
+            x = x + self.self_attn(positions, self.input_layernorm(x), rotary)
+            return x + self.mlp(self.post_attention_layernorm(x))
         x = x + self.post_attention_layernorm(self.self_attn(positions, self.input_layernorm(x), rotary))
         return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
 
@@ -96,7 +115,7 @@ class GemmaModel(nn.Module):
     """`layer_types[i]` picks layer i's window and its rotary table from `ropes` (one table per distinct rope)."""
 
     def __init__(self, cfg: ModelConfig, layer_types: list[str], ropes: dict[str, dict[str, Any]],
-                 attn_softcap: float | None, qk_norm: bool):
+                 variant: GemmaVariant):
         super().__init__()
         hidden = int(cfg.get("hidden_size"))
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, hidden)
@@ -105,7 +124,7 @@ class GemmaModel(nn.Module):
         window = cfg.get("sliding_window")
         self.layer_types = layer_types
         self.layers = nn.ModuleList(
-            GemmaDecoderLayer(cfg, i, window if kind == "sliding_attention" else None, attn_softcap, qk_norm)
+            GemmaDecoderLayer(cfg, i, window if kind == "sliding_attention" else None, variant)
             for i, kind in enumerate(layer_types)
         )
         # NOTE: one cos/sin table per distinct rope, shared by its layers (a table per layer would cost
@@ -138,6 +157,7 @@ class Gemma2ForCausalLM(nn.Module):
     """Gemma 2. Subclasses override the hooks below (defaults are transformers' config defaults)."""
 
     qk_norm = False
+    sandwich_norms = True
     default_final_softcap: float | None = 30.0
 
     def __init__(self, cfg: ModelConfig):
@@ -146,7 +166,9 @@ class Gemma2ForCausalLM(nn.Module):
         hf = cfg.hf_config
         self.check_supported(hf)
         layer_types = self.layer_types(hf)
-        self.model = GemmaModel(cfg, layer_types, self.ropes(hf), self.attn_softcap(hf), self.qk_norm)
+        variant = GemmaVariant(self.attn_softcap(hf), self.qk_norm, self.attn_scale(hf, cfg.head_dim),
+                               self.activation(hf), self.sandwich_norms)
+        self.model = GemmaModel(cfg, layer_types, self.ropes(hf), variant)
         self.final_softcap = hf.get("final_logit_softcapping", self.default_final_softcap)
         self.tie_word_embeddings = bool(hf.get("tie_word_embeddings", True))
         self.lm_head = ParallelLMHead(cfg.vocab_size, int(hf["hidden_size"]))
@@ -170,6 +192,13 @@ class Gemma2ForCausalLM(nn.Module):
 
     def attn_softcap(self, hf: dict[str, Any]) -> float | None:
         return hf.get("attn_logit_softcapping", 50.0)
+
+    def attn_scale(self, hf: dict[str, Any], head_dim: int) -> float:
+        return float(hf.get("query_pre_attn_scalar", 256)) ** -0.5
+
+    def activation(self, hf: dict[str, Any]) -> str:
+        # NOTE: transformers reads only `hidden_activation` (old configs' `hidden_act` is ignored), default gelu-tanh
+        return hf.get("hidden_activation") or "gelu_pytorch_tanh"
 
     # --- the model interface ---
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,

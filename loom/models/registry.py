@@ -30,6 +30,7 @@ _REGISTRY: dict[str, tuple[str, str]] = {
     "GPT2LMHeadModel": ("loom.models.gpt2", "GPT2LMHeadModel"),
     "GPTNeoXForCausalLM": ("loom.models.gpt_neox", "GPTNeoXForCausalLM"),
     "FalconForCausalLM": ("loom.models.falcon", "FalconForCausalLM"),
+    "GemmaForCausalLM": ("loom.models.gemma", "GemmaForCausalLM"),
     "Gemma2ForCausalLM": ("loom.models.gemma2", "Gemma2ForCausalLM"),
     "Gemma3ForCausalLM": ("loom.models.gemma3", "Gemma3ForCausalLM"),
     "Olmo2ForCausalLM": ("loom.models.olmo2", "Olmo2ForCausalLM"),
@@ -42,6 +43,7 @@ _REGISTRY: dict[str, tuple[str, str]] = {
     "Idefics3ForConditionalGeneration": ("loom.models.idefics3", "Idefics3ForConditionalGeneration"),
     "SmolVLMForConditionalGeneration": ("loom.models.idefics3", "Idefics3ForConditionalGeneration"),
     "Gemma3ForConditionalGeneration": ("loom.models.gemma3_vlm", "Gemma3ForConditionalGeneration"),
+    "PaliGemmaForConditionalGeneration": ("loom.models.paligemma", "PaliGemmaForConditionalGeneration"),
     "Qwen2VLForConditionalGeneration": ("loom.models.qwen2_vl", "Qwen2VLForConditionalGeneration"),
     "Qwen2_5_VLForConditionalGeneration": ("loom.models.qwen2_vl", "Qwen2_5_VLForConditionalGeneration"),
 }

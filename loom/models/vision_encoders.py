@@ -158,6 +158,9 @@ class SiglipVisionTower(nn.Module):
 
     def __init__(self, cfg: dict[str, Any]):
         super().__init__()
+        # transformers' SiglipVisionConfig and Idefics3VisionConfig defaults, not CLIP's (quick_gelu, 1e-5): the
+        # vision configs of the PaliGemma checkpoints on the Hub leave both out
+        cfg = {"hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": 1e-6, **cfg}
         self.embeddings = SiglipVisionEmbeddings(cfg)
         self.encoder = VisionEncoder(cfg, int(cfg["num_hidden_layers"]))
         self.post_layernorm = nn.LayerNorm(int(cfg["hidden_size"]), eps=float(cfg.get("layer_norm_eps", 1e-6)))

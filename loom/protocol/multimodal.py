@@ -15,6 +15,7 @@ of the span and puts them at the span's image-token positions, in order:
 from __future__ import annotations
 
 import hashlib
+from array import array
 
 import msgspec
 import torch
@@ -87,3 +88,15 @@ def block_extras(images: list[ImageInput], block_size: int, num_blocks: int) -> 
         for i in range(first, min(last + 1, num_blocks)):
             extras[i] += image.content_hash
     return extras
+
+
+def whole_prompt_extras(token_ids: list[int], images: list[ImageInput], num_blocks: int) -> list[bytes]:
+    """Per KV block of the prompt, for a model whose prompt tokens attend to each other both ways (PaliGemma): a
+    digest of the whole prompt (its tokens, and its images' places and content hashes), the same for every block,
+    since a block's K/V depend on the tokens after it too. Prompts then share blocks only when they are equal."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(len(token_ids).to_bytes(8, "little"))
+    h.update(array("q", token_ids).tobytes())
+    for image in images:
+        h.update(image.offset.to_bytes(8, "little") + image.length.to_bytes(8, "little") + image.content_hash)
+    return [h.digest()] * num_blocks

@@ -325,8 +325,8 @@ class ModelRunner:
         of `all_logits` seqs, the last position of other sampling seqs, nothing for the rest."""
         if not seqs:  # a plan that only drops requests
             return torch.empty(0, self.model_config.vocab_size)
-        decodes = [s for s in seqs if s.is_decode]
-        prefills = [s for s in seqs if not s.is_decode]
+        decodes = [s for s in seqs if self._is_decode(s)]
+        prefills = [s for s in seqs if not self._is_decode(s)]
         ordered = decodes + prefills
         ids = torch.tensor([t for s in ordered for t in s.token_ids], dtype=torch.long, device=self.device)
         positions = torch.cat([torch.arange(s.start, s.start + len(s.token_ids)) for s in ordered]).to(self.device)
@@ -358,6 +358,13 @@ class ModelRunner:
             self._last_hidden = selected
         logits = self.model.compute_logits(selected)  # gathered to rank 0
         return None if logits is None else logits.float()
+
+    def _is_decode(self, s: _StepSeq) -> bool:
+        """Attends like a decode. Not the last prompt position computed alone (after prefix-cache hits) of a model
+        whose prompt attends both ways (PaliGemma): it attends to the whole prompt, past a sliding window too."""
+        if not s.is_decode:
+            return False
+        return not (getattr(self.model, "bidirectional_prompt", False) and s.start < s.state.num_prompt_tokens)
 
     def _mrope_positions(self, seqs: list[_StepSeq]) -> torch.Tensor:
         """(3, T) M-RoPE positions of the step's rows: a prompt with images from its table, every other position
@@ -583,11 +590,19 @@ class ModelRunner:
             tables, lens = tables.to(self.device), lens.to(self.device)
         spans, row = [], num_decode_rows
         both_ways = getattr(self.model, "bidirectional_images", False)
+        whole_prompt = getattr(self.model, "bidirectional_prompt", False)
         for s in prefills:
             ctx_len = s.start + len(s.token_ids)
             slots = self._slots(s.state.block_ids, ctx_len)
             span = PrefillSpan(row, len(s.token_ids), ctx_len, slots)
-            if both_ways and s.state.images is not None:
+            prompt_len = s.state.num_prompt_tokens
+            if whole_prompt and s.start < prompt_len:
+                if ctx_len < prompt_len:  # the scheduler computes such a prompt in one step
+                    raise AssertionError(f"{s.request_id}: a step ends at {ctx_len}, inside its prompt of "
+                                         f"{prompt_len} tokens that attend to each other both ways")
+                span.bidirectional = [(0, prompt_len)]
+                span.window_bounds_bidirectional = False
+            elif both_ways and s.state.images is not None:
                 span.bidirectional = s.state.images.token_ranges(s.start, ctx_len)
             spans.append(span)
             slot_parts.append(slots[s.start :].cpu())
