@@ -65,3 +65,24 @@ def test_llm_takes_image_paths_and_refuses_what_it_cannot_show(checkpoints, tmp_
     with pytest.raises(ValueError, match="not a vision-language model"):
         text_only.generate([["Look: ", image]], params)
     llm.engine.check_integrity()
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "gemma3"])
+def test_speculative_decoding_with_images_keeps_the_tokens(checkpoints, family):
+    """Drafts verified after an image prompt (M-RoPE positions past the prompt, Gemma 3's whole images) accept and
+    reject as without images: the tokens equal plain decoding's."""
+    from loom.testing.speculation import OracleProposer
+
+    prompts = PROMPTS_OF["many"]()[:3]
+    params = SamplingParams(max_new_tokens=16)
+    plain = LLM(checkpoints[family], dtype="float32", max_batch_total_tokens=4096)
+    results = plain.generate(prompts, params)
+    expected = [r.token_ids for r in results]
+    llm = LLM(checkpoints[family], dtype="float32", max_batch_total_tokens=4096, speculate=3)
+    speculator = llm.engine.scheduler.speculator
+    speculator.cost = None  # verify every draft
+    speculator.proposer = OracleProposer([r.prompt_token_ids + r.token_ids for r in results],
+                                         llm.engine.model_config.vocab_size, wrong_rate=0.3)
+    assert [r.token_ids for r in llm.generate(prompts, params)] == expected
+    assert 0 < speculator.stats.num_accepted_tokens < speculator.stats.num_draft_tokens
+    llm.engine.check_integrity()
