@@ -16,7 +16,6 @@ from pydantic import ValidationError as PydanticValidationError
 from transformers import PreTrainedTokenizerBase
 
 from loom import __version__
-from loom.config import normalise_hf_config
 from loom.multimodal import ImagePromptBuilder, is_vision_language
 from loom.router import strict_json
 from loom.router.chat import ChatTemplate
@@ -137,7 +136,7 @@ def build_state(config: RouterConfig, engine: EngineClient) -> RouterState:
 def vision_inputs(config: RouterConfig) -> VisionInputs | None:
     """TGI: a model whose config has a vision tower takes markdown images in its prompts."""
     cfg_file = Path(config.model_dir) / "config.json"
-    hf = normalise_hf_config(json.loads(cfg_file.read_text())) if cfg_file.is_file() else {}
+    hf = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}  # the top-level keys say it
     if not is_vision_language(hf):
         return None
     return VisionInputs(ImagePromptBuilder(config.model_dir, hf), config.max_image_fetch_size)
