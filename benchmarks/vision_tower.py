@@ -86,7 +86,8 @@ def main() -> None:
     theirs = hf_clip(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]
     rows.append(("CLIP-L/14 336px image", best_ms(lambda: loom_clip(pixels), args.repeats),
                  best_ms(lambda: hf_clip(pixel_values=pixels, output_hidden_states=True), args.repeats),
-                 tower_flops(577, 1024, 4096, 23), (577, 1024, 4096), float((ours.float() - theirs.float()).abs().max())))
+                 tower_flops(577, 1024, 4096, 23), (577, 1024, 4096),
+                 float((ours.float() - theirs.float()).abs().max())))
     # Qwen2-VL-2B tower, 448x448 → 32x32 patches of 14 px
     loom_qwen = Qwen2VisionTower(QWEN2_VL_2B).to(dtype).eval()
     from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLVisionConfig

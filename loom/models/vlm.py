@@ -91,7 +91,8 @@ class VisionLanguageModel(nn.Module):
                 else:
                     others.append((part + rest, tensor))
 
-        loaded = {f"language_model.{k}": v for k, v in self.language_model.load_weights(language_model_weights()).items()}
+        lm_loaded = self.language_model.load_weights(language_model_weights())
+        loaded = {f"language_model.{k}": v for k, v in lm_loaded.items()}
         params = dict(self.named_parameters())
         for name, tensor in others:
             param = params.get(name)
