@@ -20,7 +20,6 @@ from loom.testing.vlm_checkpoints import build_tiny_vlm, test_image as make_imag
 from tests.e2e.conftest import Server
 
 
-
 def _png(image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
