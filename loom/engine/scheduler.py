@@ -81,6 +81,7 @@ class Scheduler:
         # the model's prompt tokens attend to each other both ways (PaliGemma): a prompt is computed in one step,
         # and its blocks are cached under the whole prompt (a block's K/V depend on the tokens after it)
         self.whole_prompts = False
+        self._encoded = 0  # image embeddings whose vision tower runs in the step being scheduled
 
     def add(self, request: Request) -> None:
         if request.request_id in self.requests:
@@ -108,6 +109,7 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         budget = self.config.max_batch_prefill_tokens
+        self._encoded = 0
         out = SchedulerOutput([])
         budget = self._schedule_running(out, budget)
         if not out.preempted:
@@ -128,6 +130,9 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             request = self.running[i]
             n = self._chunk(request, request.num_computed_tokens, budget)
+            if n == 0:  # its next image waits for the next step's encoder budget
+                i += 1
+                continue
             while not self.kv.allocate(request.request_id, request.num_computed_tokens + n):
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -146,7 +151,7 @@ class Scheduler:
                 request.token_ids, request.params.adapter_id, request.block_extras)
             computed = len(hits) * self.kv.block_size
             n = self._chunk(request, computed, budget)
-            if not self.kv.allocate(request.request_id, computed + n, hits):
+            if n == 0 or not self.kv.allocate(request.request_id, computed + n, hits):
                 break
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
@@ -159,21 +164,40 @@ class Scheduler:
         return budget
 
     def _chunk(self, request: Request, start: int, budget: int) -> int:
-        """Positions of `request` to compute from `start` within `budget`. For a model whose image tokens attend
-        to each other both ways (`whole_images`), a prompt chunk never ends inside an image: it ends before the
-        image, or, when the image starts the chunk, takes the whole image even past the budget. For a model whose
-        prompt does (`whole_prompts`), a chunk never ends inside the prompt: it takes the rest of the prompt even
-        past the budget."""
+        """Positions of `request` to compute from `start` within `budget` (0: none this step).
+
+        The vision tower of an image runs in the step that computes the image's first token, and everything else
+        in that step waits for it: the images a step starts share an encoder budget of `max_batch_prefill_tokens`
+        embeddings (vLLM's default). A chunk that would start an image past it ends before the image, unless no
+        image was started yet this step (one always goes, whatever its size).
+
+        For a model whose image tokens attend to each other both ways (`whole_images`), a prompt chunk never ends
+        inside an image: it ends before the image, or, when the image starts the chunk, takes the whole image even
+        past the budget. For a model whose prompt does (`whole_prompts`), a chunk never ends inside the prompt: it
+        takes the rest of the prompt even past the budget (or waits, when its images do not fit the encoder budget
+        left)."""
         n = min(request.num_tokens - start, budget)
         end = start + n
         if self.whole_prompts and end < request.num_prompt_tokens:
-            return request.num_prompt_tokens - start
-        if not self.whole_images:
-            return n
-        for image in request.images:
-            if image.offset < end < image.end:
-                return image.offset - start if image.offset > start else image.end - start
-        return n
+            end = request.num_prompt_tokens
+        starting = [im for im in request.images if start <= im.offset < end]  # images this chunk starts
+        limit, before = self.config.max_batch_prefill_tokens, self._encoded
+        for image in starting:
+            # the first image of a step always goes; so do all of a whole prompt's when it is the step's first
+            first = self._encoded == 0 or (self.whole_prompts and before == 0)
+            if not first and self._encoded + image.num_embeds > limit:
+                if self.whole_prompts:  # none of its images this step: the prompt waits
+                    self._encoded = before
+                    return 0
+                end = image.offset
+                break
+            self._encoded += image.num_embeds
+        if self.whole_images:
+            for image in request.images:
+                if image.offset < end < image.end:
+                    end = image.offset if image.offset > start else image.end
+                    break
+        return end - start
 
     def _add_drafts(self, out: SchedulerOutput, speculator: Speculator) -> None:
         """Drafts for the step's decodes of requests the runner holds (a re-admitted request runs without), cut at

@@ -157,3 +157,40 @@ def test_prompt_ids_equal_the_processor_on_the_whole_prompt(family):
         images = [p for p in pieces if not isinstance(p, str)]
         whole = processor(text=[_text(builder, pieces)], images=[images], return_tensors="pt")
         assert builder.build(pieces).token_ids == whole["input_ids"][0].tolist(), (name, pieces)
+
+
+def test_the_images_a_step_starts_share_an_encoder_budget():
+    """The vision tower of every image a step starts runs in that step: past max_batch_prefill_tokens embeddings,
+    a chunk ends before its image (one image always goes), so decodes wait for one budget's worth of towers at most."""
+    from loom.config import EngineConfig
+    from loom.engine.request import Request
+    from loom.engine.scheduler import Scheduler
+    from loom.protocol.multimodal import ImageInput
+
+    scheduler = Scheduler(EngineConfig(max_batch_prefill_tokens=512), KVCacheManager(256, BLOCK))
+    requests = []
+    for name, embeds in (("a", 300), ("b", 300), ("c", 700)):
+        image = ImageInput(offset=10, length=embeds, num_embeds=embeds, content_hash=name.encode(), tensors={})
+        requests.append(Request(name, list(range(embeds + 40)), SamplingParams(), 4, frozenset(), images=[image]))
+        scheduler.add(requests[-1])
+
+    def step() -> dict[str, tuple[int, int]]:
+        out = scheduler.schedule()
+        for seq in out.seqs:
+            seq.request.num_computed_tokens += seq.num_new_tokens
+        return {s.request.request_id: (s.start, s.num_new_tokens) for s in out.seqs}
+
+    # a's prompt and image (300 embeddings); b's and c's images would pass 512: their chunks end before them
+    assert step() == {"a": (0, 340), "b": (0, 10), "c": (0, 10)}
+    # b's image now (a has no tokens left to compute here); c's would pass the budget: c waits a step
+    assert step() == {"b": (10, 330)}
+    # c's image alone is past the budget: it goes as the step's first image
+    assert step() == {"c": (10, 512)}
+    # a prompt computed whole (PaliGemma) whose images together pass the budget goes as the step's first
+    whole = Scheduler(EngineConfig(max_batch_prefill_tokens=512), KVCacheManager(256, BLOCK))
+    whole.whole_prompts = True
+    images = [ImageInput(offset=o, length=300, num_embeds=300, content_hash=str(o).encode(), tensors={})
+              for o in (0, 300)]
+    for name in ("p", "q"):
+        whole.add(Request(name, list(range(610)), SamplingParams(), 4, frozenset(), images=list(images)))
+    assert {s.request.request_id: s.num_new_tokens for s in whole.schedule().seqs} == {"p": 610}  # q waits
