@@ -74,6 +74,19 @@ def iter_checkpoint(model_dir: Path, stack: ExitStack, hf_config: dict[str, Any]
             yield name, SafetensorsTensor(handle.get_slice(name))
 
 
+def import_model_code(config: ModelConfig) -> None:
+    """Import the modules that building `config`'s model needs (its class's, a vision-language model's language
+    model's, the CPU kernels' wrappers), without building anything."""
+    import loom.layers.kernels.build  # noqa: F401  (the kernel thread's own imports: prebuild imports the rest)
+    from loom.layers.kernels import fused_cpu, paged_decode_cpu, prefill_attention_cpu  # noqa: F401
+    from loom.layers.kernels import quant_gemm_cpu, quant_vnni_gemm_cpu  # noqa: F401
+
+    cls = resolve_model_class(config.architecture, config.hf_config, config.trust_remote_code)
+    language_model_class = getattr(cls, "language_model_class", None)
+    if language_model_class is not None:
+        language_model_class(config)
+
+
 def load_model(config: ModelConfig, device: torch.device | str = "cpu") -> nn.Module:
     cls = resolve_model_class(config.architecture, config.hf_config, config.trust_remote_code)
     from_model_config = getattr(cls, "from_model_config", None)

@@ -31,7 +31,7 @@ from loom.layers.forward_context import AttentionMetadata, ForwardContext, Prefi
 from loom.layers.kernels.build import prebuild
 from loom.layers.linear import PackableLinear, pack_linear_weights
 from loom.layers.lora import LoraRows
-from loom.models.loader import load_model
+from loom.models.loader import import_model_code, load_model
 from loom.protocol import shard
 from loom.protocol.multimodal import ImageInput
 from loom.protocol.outputs import failure_message
@@ -120,6 +120,10 @@ class ModelRunner:
             self._send(shard.LoadModel(str(model_config.path), dtype, model_config.architecture, num_blocks,
                                        block_size, model_config.quantize, model_config.rope_override, kv_dtype))
         # CPU kernels compile (first start on a machine) or load from the cache while the weights load
+        # The model's code is imported here, before the kernel thread starts importing too: two threads importing
+        # modules of one fresh (never byte-compiled) package raced once in CI (`No module named loom.layers.norm`,
+        # the main thread's lookup missing a file while the other thread created the package's __pycache__).
+        import_model_code(model_config)
         kernels = threading.Thread(target=prebuild, name="loom-kernel-build", daemon=True)
         if self.device.type == "cpu":
             kernels.start()
