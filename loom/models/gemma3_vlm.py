@@ -15,7 +15,7 @@ from torch import nn
 from loom.config import ModelConfig
 from loom.layers.norm import GemmaRMSNorm
 from loom.models.vision_encoders import SiglipVisionTower
-from loom.models.vlm import VisionLanguageModel
+from loom.models.vlm import TOWER_AND_PROJECTOR, VisionLanguageModel
 from loom.protocol.multimodal import ImageInput
 
 
@@ -37,10 +37,7 @@ class Gemma3Projector(nn.Module):
 
 class Gemma3ForConditionalGeneration(VisionLanguageModel):
     bidirectional_images = True
-    PREFIXES = (("model.vision_tower.vision_model.", "vision_tower."), ("vision_tower.vision_model.", "vision_tower."),
-                ("model.vision_tower.", "vision_tower."), ("vision_tower.", "vision_tower."),
-                ("model.multi_modal_projector.", "multi_modal_projector."),
-                ("multi_modal_projector.", "multi_modal_projector."))
+    PREFIXES = TOWER_AND_PROJECTOR
 
     def __init__(self, cfg: ModelConfig):
         hf = cfg.hf_config

@@ -12,7 +12,7 @@ from torch import nn
 from loom.config import ModelConfig
 from loom.layers.activation import get_activation
 from loom.models.vision_encoders import CLIPVisionTower
-from loom.models.vlm import VisionLanguageModel
+from loom.models.vlm import TOWER_AND_PROJECTOR, VisionLanguageModel
 from loom.protocol.multimodal import ImageInput
 
 
@@ -33,11 +33,7 @@ def feature_layers(hf: dict) -> list[int]:
 
 
 class LlavaForConditionalGeneration(VisionLanguageModel):
-    # hub checkpoints name the tower `vision_tower.vision_model.`; transformers 5 saves it as `vision_tower.`
-    PREFIXES = (("model.vision_tower.vision_model.", "vision_tower."), ("vision_tower.vision_model.", "vision_tower."),
-                ("model.vision_tower.", "vision_tower."), ("vision_tower.", "vision_tower."),
-                ("model.multi_modal_projector.", "multi_modal_projector."),
-                ("multi_modal_projector.", "multi_modal_projector."))
+    PREFIXES = TOWER_AND_PROJECTOR
 
     def __init__(self, cfg: ModelConfig):
         hf = cfg.hf_config

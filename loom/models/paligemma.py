@@ -24,7 +24,7 @@ from torch import nn
 
 from loom.config import ModelConfig
 from loom.models.vision_encoders import SiglipVisionTower
-from loom.models.vlm import VisionLanguageModel
+from loom.models.vlm import TOWER_AND_PROJECTOR, VisionLanguageModel
 from loom.protocol.multimodal import ImageInput
 from loom.worker.image_embeds import ImageRows
 
@@ -40,10 +40,7 @@ class PaliGemmaProjector(nn.Module):
 
 class PaliGemmaForConditionalGeneration(VisionLanguageModel):
     bidirectional_prompt = True
-    PREFIXES = (("model.vision_tower.vision_model.", "vision_tower."), ("vision_tower.vision_model.", "vision_tower."),
-                ("model.vision_tower.", "vision_tower."), ("vision_tower.", "vision_tower."),
-                ("model.multi_modal_projector.", "multi_modal_projector."),
-                ("multi_modal_projector.", "multi_modal_projector."))
+    PREFIXES = TOWER_AND_PROJECTOR
     SKIPPED = ("vision_tower.vision_model.head.", "vision_tower.head.")  # SigLIP's pooling head, never used
 
     def __init__(self, cfg: ModelConfig):

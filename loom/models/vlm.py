@@ -20,6 +20,15 @@ from loom.protocol.multimodal import ImageInput
 from loom.worker.image_embeds import ImageRows
 
 
+# The Llava-style layout (Llava, Gemma 3, PaliGemma): a `vision_tower` and a `multi_modal_projector`. Hub checkpoints
+# name the tower `vision_tower.vision_model.`, transformers 5 saves it as `vision_tower.`; newer ones put both under
+# `model.`.
+TOWER_AND_PROJECTOR: tuple[tuple[str, str], ...] = (
+    ("model.vision_tower.vision_model.", "vision_tower."), ("vision_tower.vision_model.", "vision_tower."),
+    ("model.vision_tower.", "vision_tower."), ("vision_tower.", "vision_tower."),
+    ("model.multi_modal_projector.", "multi_modal_projector."), ("multi_modal_projector.", "multi_modal_projector."))
+
+
 def language_model_class(cfg: ModelConfig) -> type[nn.Module]:
     text_type = cfg.get("text_model_type") or "llama"
     architecture = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(text_type)
